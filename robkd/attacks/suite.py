@@ -1,0 +1,410 @@
+"""The attack suite: a cheap-to-expensive cascade over ascending radii, worst case per sample.
+
+Semantics (AutoAttack-style worst case):
+
+- a sample is robust at a radius only if no attack of the suite broke it there;
+- attacks run in ascending :attr:`~robkd.attacks.base.Attack.cost` (ties keep the
+  given order), each only on the samples still unbroken at that radius;
+- radii run in ascending order; a sample broken at radius r counts as broken at
+  every larger radius without being attacked again (the same perturbation is
+  valid there), and its stored ``x_adv`` is the one found at the smallest radius;
+- every adversarial example an attack claims is re-checked by a plain forward
+  pass (:func:`~robkd.attacks.base.verify_adversarial`); failures are not counted
+  and are logged as a warning with their count.
+
+Resume: pass the previous :class:`SuiteResult` (or its :meth:`~SuiteResult.to_tensors`
+dict) as ``state``; finished (attack, radius) pairs are skipped, and
+``on_checkpoint(result)`` is called after each pair so the caller can persist it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from robkd.attacks.base import Attack, attack_mode, check_inputs, check_sample_ids, model_device, verify_adversarial
+from robkd.attacks.registry import make_attack
+from robkd.errors import UsageError
+from robkd.types import Norm, format_radius
+
+logger = logging.getLogger("robkd.attacks")
+
+#: broken_by code of a sample that is robust at that radius
+ROBUST = -1
+#: broken_by code of a sample misclassified without any perturbation
+CLEAN_WRONG = -2
+
+
+def _fingerprint(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> list[float]:
+    """A cheap content fingerprint of the evaluation set (detects resuming on other data).
+
+    Accumulated in float64 over row chunks, so it never holds a float64 copy of the whole set.
+    """
+    n = x.shape[0]
+    d = x[0].numel() if n else 0
+    w = torch.arange(1, d + 1, dtype=torch.float64, device=x.device) / max(d, 1)
+    ws = torch.arange(1, n + 1, dtype=torch.float64, device=x.device) / max(n, 1)
+    total = weighted = rows = 0.0
+    for s in range(0, n, chunk):
+        xd = x[s : s + chunk].detach().flatten(1).double()
+        row_sums = xd.sum(1)
+        total += float(row_sums.sum())
+        weighted += float((xd @ w).sum())
+        rows += float((row_sums * ws[s : s + chunk]).sum())
+    yd = y.detach().double()
+    return [float(n), total, weighted, rows, float(yd.sum()), float((yd * ws.to(yd.device)).sum())]
+
+
+@dataclasses.dataclass
+class SuiteResult:
+    """Per-sample outcome of a :class:`Suite` run.
+
+    ``broken_by[r, i]`` is the index into ``attacks`` of the attack that first broke
+    sample ``i`` at ``radii[r]`` (also when inherited from a smaller radius),
+    ``-1`` when robust, ``-2`` when misclassified clean. ``x_adv[i]`` is the
+    verified adversarial example found at the smallest radius ``adv_radius[i]``
+    (``x`` itself and NaN for samples never broken). ``order`` is the execution
+    order; ``rejected`` counts claimed examples that failed the re-check, per
+    ``"attack@radius"``; ``seconds`` is the attack time per attack.
+    """
+
+    attacks: list[str]
+    order: list[str]
+    radii: list[float]
+    norm: Norm
+    clean_correct: torch.Tensor
+    broken_by: torch.Tensor
+    x_adv: torch.Tensor
+    adv_radius: torch.Tensor
+    done: set[tuple[str, float]] = dataclasses.field(default_factory=set)
+    rejected: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    fingerprint: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        """Number of samples."""
+        return int(self.clean_correct.shape[0])
+
+    @property
+    def robust(self) -> torch.Tensor:
+        """``(R, N)`` bool: robust against every attack of the suite (worst case)."""
+        return self.broken_by == ROBUST
+
+    @property
+    def robust_after(self) -> dict[str, torch.Tensor]:
+        """``attack -> (R, N)`` bool: worst case over the attacks run up to and including it (execution order)."""
+        out: dict[str, torch.Tensor] = {}
+        seen: list[int] = []
+        for name in self.order:
+            seen.append(self.attacks.index(name))
+            broken = torch.zeros_like(self.broken_by, dtype=torch.bool)
+            for k in seen:
+                broken |= self.broken_by == k
+            out[name] = self.clean_correct.unsqueeze(0) & ~broken
+        return out
+
+    @property
+    def complete(self) -> bool:
+        """Whether every (attack, radius) pair has run."""
+        return all((a, r) in self.done for a in self.attacks for r in self.radii)
+
+    def clean_accuracy(self) -> float:
+        """Fraction of samples classified correctly without perturbation."""
+        return float(self.clean_correct.float().mean()) if self.n else float("nan")
+
+    def robust_accuracy(self) -> list[float]:
+        """Worst-case robust accuracy per radius (ascending radii)."""
+        return [float(v) for v in self.robust.float().mean(1)] if self.n else [float("nan")] * len(self.radii)
+
+    def robust_accuracy_after(self, attack: str) -> list[float]:
+        """Robust accuracy per radius after ``attack`` in the cascade."""
+        if attack not in self.attacks:
+            raise UsageError(f"attack {attack!r} is not in this suite ({self.attacks})")
+        return [float(v) for v in self.robust_after[attack].float().mean(1)]
+
+    def broken_count(self, attack: str) -> list[int]:
+        """Samples attributed to ``attack`` per radius (first breaker, inherited breaks included)."""
+        k = self.attacks.index(attack)
+        return [int(v) for v in (self.broken_by == k).sum(1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (no per-sample tensors)."""
+        return {
+            "attacks": list(self.attacks),
+            "order": list(self.order),
+            "norm": self.norm.value,
+            "radii": list(self.radii),
+            "radii_text": [format_radius(r) for r in self.radii],
+            "n": self.n,
+            "clean_accuracy": self.clean_accuracy(),
+            "robust_accuracy": self.robust_accuracy(),
+            "robust_accuracy_after": {a: self.robust_accuracy_after(a) for a in self.order},
+            "broken_by_attack": {a: self.broken_count(a) for a in self.attacks},
+            "rejected": dict(self.rejected),
+            "seconds": dict(self.seconds),
+            "complete": self.complete,
+        }
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything as a flat ``str -> Tensor`` dict (safetensors / ``torch.save``-able) for resume."""
+        meta = {
+            "attacks": self.attacks,
+            "order": self.order,
+            "radii": self.radii,
+            "norm": self.norm.value,
+            "done": sorted([a, r] for a, r in self.done),
+            "rejected": self.rejected,
+            "seconds": self.seconds,
+            "fingerprint": self.fingerprint,
+        }
+        blob = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        return {
+            "meta_json": blob,
+            "clean_correct": self.clean_correct.detach().cpu().contiguous(),
+            "broken_by": self.broken_by.detach().cpu().contiguous(),
+            "x_adv": self.x_adv.detach().cpu().contiguous(),
+            "adv_radius": self.adv_radius.detach().cpu().contiguous(),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SuiteResult":
+        """Inverse of :meth:`to_tensors`; a malformed dict raises :class:`UsageError`."""
+        need = {"meta_json", "clean_correct", "broken_by", "x_adv", "adv_radius"}
+        if not isinstance(tensors, dict) or not need <= set(tensors):
+            raise UsageError(f"not a suite state: expected keys {sorted(need)}")
+        try:
+            meta = json.loads(bytes(tensors["meta_json"].to(torch.uint8).tolist()).decode("utf-8"))
+            result = cls(
+                attacks=list(meta["attacks"]),
+                order=list(meta["order"]),
+                radii=[float(r) for r in meta["radii"]],
+                norm=Norm.parse(meta["norm"]),
+                clean_correct=tensors["clean_correct"].bool(),
+                broken_by=tensors["broken_by"].long(),
+                x_adv=tensors["x_adv"],
+                adv_radius=tensors["adv_radius"],
+                done={(str(a), float(r)) for a, r in meta["done"]},
+                rejected={str(k): int(v) for k, v in meta.get("rejected", {}).items()},
+                seconds={str(k): float(v) for k, v in meta.get("seconds", {}).items()},
+                fingerprint=[float(v) for v in meta.get("fingerprint", [])],
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise UsageError(f"corrupt suite state: {exc}") from exc
+        n, r = result.clean_correct.shape[0], len(result.radii)
+        if result.broken_by.shape != (r, n) or result.adv_radius.shape != (n,) or result.x_adv.shape[0] != n:
+            raise UsageError("corrupt suite state: tensor shapes do not match")
+        return result
+
+
+class Suite:
+    """A cascade of attacks evaluated per sample and per radius (see the module docstring).
+
+    ``attacks``: specs for :func:`~robkd.attacks.make_attack` (or :class:`Attack`
+    instances, whose ``eps`` is set per radius). ``attack_options`` maps a spec
+    to extra keyword options for it. Resuming is robkd's own (the state saved
+    after every finished attack and radius), never pyautoattack's state files.
+    ``progress``: show a rich progress bar per attack and radius (samples/s).
+    """
+
+    def __init__(
+        self,
+        attacks: Sequence["str | Attack"],
+        norm: "Norm | str",
+        *,
+        seed: int = 0,
+        batch_size: int = 256,
+        attack_options: dict[str, dict[str, Any]] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if isinstance(attacks, str) or not attacks:
+            raise UsageError("attacks must be a non-empty list of attack specs")
+        self.norm = Norm.parse(norm)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.attack_options = dict(attack_options or {})
+        self.progress = progress
+        self._protos: list[Attack] = []
+        names: list[str] = []
+        for a in attacks:
+            if isinstance(a, Attack):
+                proto, name = a, a.name
+            elif isinstance(a, str):
+                proto = self._make(a, 0.0)
+                name = a.strip().lower()
+            else:
+                raise UsageError(f"attacks must be specs or Attack instances, got {a!r}")
+            if name in names:
+                raise UsageError(f"attack {name!r} is listed twice")
+            names.append(name)
+            self._protos.append(proto)
+        unknown = set(self.attack_options) - set(names)
+        if unknown:
+            raise UsageError(f"attack_options for attacks not in the suite: {sorted(unknown)}")
+        self.attacks = names
+        self._specs = list(attacks)
+        ranked = sorted(range(len(names)), key=lambda i: (self._protos[i].cost, i))
+        self.order = [names[i] for i in ranked]
+
+    def _make(self, spec: str, eps: float, radius_index: int | None = None) -> Attack:
+        kw = dict(self.attack_options.get(spec.strip().lower(), {}))
+        kw.setdefault("seed", self.seed)
+        kw.setdefault("batch_size", self.batch_size)
+        return make_attack(spec, self.norm, eps, **kw)
+
+    def _attack_for(self, k: int, eps: float, radius_index: int) -> Attack:
+        spec = self._specs[k]
+        if isinstance(spec, Attack):
+            attack = copy.copy(spec)
+            attack.eps = float(eps)
+            return attack
+        return self._make(spec, eps, radius_index)
+
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        radii: Sequence[float],
+        *,
+        state: "SuiteResult | dict[str, torch.Tensor] | None" = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        on_checkpoint: Callable[[SuiteResult], None] | None = None,
+        sample_ids: torch.Tensor | None = None,
+    ) -> SuiteResult:
+        """Evaluate ``model`` on ``(x, y)`` at every radius; returns the per-sample :class:`SuiteResult`.
+
+        ``on_progress(event)`` receives dicts with ``attack``, ``radius``,
+        ``done``, ``total`` and ``seconds`` while an (attack, radius) pair runs.
+        ``sample_ids`` (``(N,)`` integers, default ``0..N-1``) identify the rows for
+        the per-sample random streams: a sample attacked as row ``j`` of a shard with
+        ``sample_ids[j] = i`` gets the random starts it gets as row ``i`` of the whole
+        set (pyautoattack components keep their own batch-wise RNG).
+        """
+        check_inputs(model, x, y)
+        ids = check_sample_ids(sample_ids, x.shape[0])
+        radii_l = self._check_radii(radii)
+        n = x.shape[0]
+        if n == 0:
+            raise UsageError("the evaluation set is empty")
+        fp = _fingerprint(x, y)
+        if state is not None:
+            result = self._restore(state, radii_l, fp)
+        else:
+            clean = self._clean_correct(model, x, y)
+            broken_by = torch.full((len(radii_l), n), ROBUST, dtype=torch.long)
+            broken_by[:, ~clean] = CLEAN_WRONG
+            result = SuiteResult(
+                attacks=list(self.attacks), order=list(self.order), radii=radii_l, norm=self.norm,
+                clean_correct=clean, broken_by=broken_by, x_adv=x.detach().cpu().clone(),
+                adv_radius=torch.full((n,), float("nan")), fingerprint=fp,
+            )
+        from robkd.utils.progress import progress_bar, rate_text
+
+        bar_ctx = progress_bar() if self.progress else _null_progress()
+        with bar_ctx as bar:
+            for ri, eps in enumerate(radii_l):
+                for name in self.order:
+                    if (name, eps) in result.done:
+                        continue
+                    k = self.attacks.index(name)
+                    self._run_pair(model, x, y, ids, result, k, ri, eps, bar, on_progress, rate_text)
+                    result.done.add((name, eps))
+                    if on_checkpoint is not None:
+                        on_checkpoint(result)
+        return result
+
+    def _run_pair(self, model, x, y, ids, result, k, ri, eps, bar, on_progress, rate_text) -> None:
+        name = self.attacks[k]
+        idx = (result.broken_by[ri] == ROBUST).nonzero().flatten()
+        total = int(idx.numel())
+        task = bar.add_task(f"{name} @ {format_radius(eps)}", total=max(total, 1), rate="") if bar is not None else None
+        start = time.perf_counter()
+        done = [0]
+
+        def on_batch(m: int) -> None:
+            done[0] += m
+            secs = time.perf_counter() - start
+            if bar is not None:
+                bar.update(task, completed=done[0], rate=rate_text(done[0], secs))
+            if on_progress is not None:
+                on_progress({"attack": name, "radius": eps, "done": done[0], "total": total, "seconds": secs})
+
+        if total == 0:
+            on_batch(0)
+        else:
+            idx_dev = idx.to(x.device)
+            xs, ys = x[idx_dev], y[idx_dev]
+            attack = self._attack_for(k, eps, ri)
+            out = attack.run(model, xs, ys, on_batch=on_batch, sample_ids=ids[idx])
+            ok = verify_adversarial(model, xs, out.x_adv, ys, self.norm, eps).cpu()
+            claimed = out.success.cpu()
+            bad = int((claimed & ~ok).sum())
+            if bad:
+                result.rejected[f"{name}@{eps!r}"] = result.rejected.get(f"{name}@{eps!r}", 0) + bad
+                logger.warning("%s at radius %s: %d claimed adversarial example(s) failed the re-check "
+                               "(outside the ball or [0,1], or correctly classified) and were not counted",
+                               name, format_radius(eps), bad)
+            hit = claimed & ok
+            hit_idx = idx[hit]
+            if hit_idx.numel():
+                later = result.broken_by[ri:, hit_idx]
+                result.broken_by[ri:, hit_idx] = torch.where(later == ROBUST, torch.full_like(later, k), later)
+                result.x_adv[hit_idx] = out.x_adv[hit.to(out.x_adv.device)].detach().cpu().to(result.x_adv.dtype)
+                result.adv_radius[hit_idx] = float(eps)
+        result.seconds[name] = result.seconds.get(name, 0.0) + (time.perf_counter() - start)
+        if bar is not None:
+            bar.update(task, visible=False)
+
+    def _check_radii(self, radii: Sequence[float]) -> list[float]:
+        if isinstance(radii, (int, float)):
+            radii = [radii]
+        try:
+            vals = [float(r) for r in radii]
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"radii must be numbers, got {radii!r}") from exc
+        if not vals:
+            raise UsageError("radii must be a non-empty list")
+        for r in vals:
+            if not (r >= 0) or r == float("inf"):
+                raise UsageError(f"radius must be finite and >= 0, got {r!r}")
+        return sorted(set(vals))
+
+    def _clean_correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        device = model_device(model)
+        out = torch.zeros(x.shape[0], dtype=torch.bool)
+        with attack_mode(model), torch.no_grad():
+            for s in range(0, x.shape[0], self.batch_size):
+                logits = model(x[s : s + self.batch_size].to(device))
+                out[s : s + self.batch_size] = (logits.argmax(1) == y[s : s + self.batch_size].to(device)).cpu()
+        return out
+
+    def _restore(self, state: "SuiteResult | dict[str, torch.Tensor]", radii: list[float], fp: list[float]) -> SuiteResult:
+        result = state if isinstance(state, SuiteResult) else SuiteResult.from_tensors(state)
+        if result.attacks != self.attacks or result.norm is not self.norm:
+            raise UsageError(f"the saved state is for attacks {result.attacks} ({result.norm.value}), "
+                             f"not {self.attacks} ({self.norm.value})")
+        if result.radii != radii:
+            raise UsageError(f"the saved state is for radii {result.radii}, not {radii}")
+        if result.fingerprint and (len(result.fingerprint) != len(fp) or any(
+                abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(result.fingerprint, fp))):
+            raise UsageError("the saved state was computed on different samples (data fingerprint differs)")
+        result.order = list(self.order)
+        return result
+
+
+class _null_progress:
+    """Context manager standing in for a progress bar when progress is off."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

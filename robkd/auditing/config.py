@@ -1,0 +1,229 @@
+"""Audit settings: one typed dataclass, filled from defaults < a TOML spec file < explicit overrides.
+
+Unknown keys (in a spec file or as overrides) are an error. Keys may be written
+with ``_`` or ``-`` (``batch_size`` or ``batch-size``). This module imports only
+the standard library, so the CLI can build a config before importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from robkd.errors import UsageError
+
+CERTIFY_METHODS = ("ibp", "crown", "alpha-crown")
+
+
+@dataclasses.dataclass
+class AuditConfig:
+    """Everything that defines an audit (what ``results.json`` stores under ``config``)."""
+
+    teacher: str | None = None
+    student: str | None = None
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    split: str = "test"
+    n: int = 1000
+    seed: int = 0
+    eps: list[float] | None = None  # None: the dataset's usual headline radius
+    norm: str = "Linf"
+    attacks: list[str] = dataclasses.field(default_factory=lambda: ["pgd-20"])
+    batch_size: int = 256
+    device: str = "cpu"
+    gates: list[str] = dataclasses.field(default_factory=list)
+    gate_on: str = "lower"
+    certify: str | None = None
+    linear_region_radius: bool = False  # with certify: per-sample largest radius inside one linear region
+    llm: bool = False
+    llm_steps: int = 20
+    llm_restarts: int = 1  # random restarts of the local-linearity (and Prop-2 LHS) ascents
+    strict: bool = False
+    sanity_n: int = 64  # samples of the attack-based sanity checks (0: only the cheap checks)
+    out: str | None = None
+    # model loading (for files that do not describe themselves)
+    arch: str | None = None
+    teacher_arch: str | None = None
+    student_arch: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    num_classes: int | None = None
+    input_shape: list[int] | None = None
+    allow_pickle: bool = False
+    img_size: int | None = None
+    download: bool = False
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """All accepted keys."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_spec(cls, path: str | Path | None = None, **overrides: Any) -> "AuditConfig":
+        """Defaults, then the TOML spec file (if any), then ``overrides`` whose value is not None."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(read_spec(path))
+        values.update(_normalise_keys({k: v for k, v in overrides.items() if v is not None}, "override"))
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "AuditConfig":
+        """Normalise and check every field in place (raises :class:`UsageError`); returns self."""
+        from robkd.types import Norm, parse_eps_list
+
+        self.data = _text(self.data, "data")
+        self.split = _text(self.split, "split")
+        if self.split not in ("train", "test", "val"):
+            raise UsageError(f"unknown split {self.split!r}: use train or test")
+        self.n = _int(self.n, "n", minimum=1)
+        self.seed = _int(self.seed, "seed", minimum=0)
+        self.batch_size = _int(self.batch_size, "batch_size", minimum=1)
+        self.llm_steps = _int(self.llm_steps, "llm_steps", minimum=1)
+        self.llm_restarts = _int(self.llm_restarts, "llm_restarts", minimum=1)
+        self.sanity_n = _int(self.sanity_n, "sanity_n", minimum=0)
+        if self.eps is not None:
+            if isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool):
+                self.eps = [self.eps]
+            if isinstance(self.eps, (list, tuple)) and not self.eps:
+                raise UsageError("empty eps list")
+            self.eps = parse_eps_list(self.eps if isinstance(self.eps, (list, tuple)) else str(self.eps))
+            if any(not math.isfinite(e) or e <= 0 for e in self.eps):
+                raise UsageError(f"every radius must be > 0, got {self.eps}")
+        self.norm = Norm.parse(self.norm).value
+        if self.eps is None and self.norm != Norm.LINF.value:
+            raise UsageError(f"--norm {self.norm} needs radii: give them with --eps (the datasets' usual radii are Linf radii)")
+        self.attacks = [a.lower() for a in _str_list(self.attacks, "attacks")]  # attack names are case-insensitive
+        if not self.attacks:
+            raise UsageError("no attacks given (e.g. --attacks pgd-20,autoattack)")
+        if len(set(self.attacks)) != len(self.attacks):
+            raise UsageError(f"attack listed twice in {self.attacks}")
+        self.gates = _str_list(self.gates, "gates", split_commas=False)
+        if self.gate_on not in ("lower", "point"):
+            raise UsageError(f"unknown gate_on {self.gate_on!r}: use 'lower' (confidence bounds, default) or 'point'")
+        if self.certify is not None:
+            self.certify = str(self.certify).lower()
+            if self.certify not in CERTIFY_METHODS:
+                raise UsageError(f"unknown certify method {self.certify!r}: use one of {', '.join(CERTIFY_METHODS)}")
+        for name in ("llm", "strict", "allow_pickle", "download", "linear_region_radius"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.linear_region_radius and self.certify is None:
+            raise UsageError("linear_region_radius (--linear-region-radius) needs certify (--certify METHOD)")
+        for name in ("mean", "std"):
+            val = getattr(self, name)
+            if val is not None:
+                setattr(self, name, _floats(val, name))
+        if self.input_shape is not None:
+            vals = _floats(self.input_shape, "input_shape")
+            if len(vals) != 3 or any(v <= 0 or v != int(v) for v in vals):
+                raise UsageError(f"input_shape must be three positive integers C,H,W, got {self.input_shape!r}")
+            self.input_shape = [int(v) for v in vals]
+        if self.num_classes is not None:
+            self.num_classes = _int(self.num_classes, "num_classes", minimum=1)
+        if self.img_size is not None:
+            self.img_size = _int(self.img_size, "img_size", minimum=1)
+        self.device = _text(self.device, "device")
+        for name in ("teacher", "student", "data_dir", "out", "arch", "teacher_arch", "student_arch"):
+            val = getattr(self, name)
+            if val is not None:
+                setattr(self, name, _text(val, name))
+        return self
+
+    def model_kwargs(self, role: str) -> dict[str, Any]:
+        """Keyword arguments for :func:`robkd.models.load_model` for ``role`` (teacher/student)."""
+        return dict(
+            arch=getattr(self, f"{role}_arch") or self.arch,
+            mean=tuple(self.mean) if self.mean is not None else None,
+            std=tuple(self.std) if self.std is not None else None,
+            num_classes=self.num_classes,
+            input_shape=tuple(self.input_shape) if self.input_shape is not None else None,
+            allow_pickle=self.allow_pickle,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """Read an audit spec (TOML, flat keys) and check its keys; raises :class:`UsageError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"audit spec not found: {p}")
+    try:
+        with open(p, "rb") as fh:
+            raw = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"audit spec {p} is not valid TOML: {exc}") from exc
+    return _normalise_keys(raw, f"audit spec {p}")
+
+
+def _normalise_keys(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    known = set(AuditConfig.field_names())
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, val in values.items():
+        k = str(key).replace("-", "_")
+        if k not in known:
+            unknown.append(str(key))
+        out[k] = val
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    return out
+
+
+def _text(v: Any, name: str) -> str:
+    if isinstance(v, Path):
+        v = str(v)
+    if not isinstance(v, str) or not v.strip():
+        raise UsageError(f"{name} must be a non-empty string, got {v!r}")
+    return v.strip()
+
+
+def _int(v: Any, name: str, *, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
+        else:
+            raise UsageError(f"{name} must be an integer, got {v!r}")
+    if v < minimum:
+        raise UsageError(f"{name} must be >= {minimum}, got {v}")
+    return int(v)
+
+
+def _str_list(v: Any, name: str, *, split_commas: bool = True) -> list[str]:
+    if isinstance(v, str):
+        items = [p.strip() for p in v.split(",")] if split_commas else [v.strip()]
+    elif isinstance(v, (list, tuple)):
+        items = []
+        for item in v:
+            if not isinstance(item, str):
+                raise UsageError(f"{name} must be a list of strings, got {item!r}")
+            items += [p.strip() for p in item.split(",")] if split_commas else [item.strip()]
+    else:
+        raise UsageError(f"{name} must be a string or a list of strings, got {v!r}")
+    if any(not i for i in items):
+        raise UsageError(f"empty entry in {name}: {v!r}")
+    return items
+
+
+def _floats(v: Any, name: str) -> list[float]:
+    if isinstance(v, str):
+        parts = [p for p in v.replace("x", ",").split(",") if p.strip()]
+    elif isinstance(v, (list, tuple)):
+        parts = list(v)
+    else:
+        parts = [v]
+    try:
+        out = [float(p) for p in parts if not isinstance(p, bool)]
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad {name} {v!r}: expected numbers") from exc
+    if len(out) != len(parts) or not out or any(not math.isfinite(x) for x in out):
+        raise UsageError(f"bad {name} {v!r}: expected finite numbers")
+    return out

@@ -1,0 +1,199 @@
+"""``robkd audit TEACHER STUDENT``: attack both models on identical samples, report, gate.
+
+Exit codes: 0 all gates passed, 1 a gate failed, 2 bad input (one line on stderr),
+3 sanity flags raised under ``--strict`` (results are still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: "argparse._SubParsersAction") -> None:
+    from robkd.cli.common import add_data_args, add_model_args
+
+    p = sub.add_parser(
+        "audit",
+        help="attack suite over radii on teacher and student, transfer figures, gates, results.json",
+        description=(
+            "Evaluate teacher and student on the same seeded samples: clean and robust accuracy per attack "
+            "(cumulative, in cascade order) and per radius, worst case, 95%% Clopper-Pearson intervals, "
+            "transfer figures, gates. Settings come from defaults < --spec FILE < flags. "
+            "Exit codes: 0 gates passed, 1 a gate failed, 2 bad input, 3 sanity flags under --strict."
+        ),
+    )
+    p.add_argument("teacher", nargs="?", help="teacher model file (or 'teacher' in --spec)")
+    p.add_argument("student", nargs="?", help="student model file (or 'student' in --spec)")
+    p.add_argument("--spec", help="audit spec (TOML) with the same settings; flags override it")
+    add_data_args(p, default_n=1000)
+    add_model_args(p, pair=True)
+    g = p.add_argument_group("threat model and attacks")
+    g.add_argument("--eps", help="radii in [0,1] pixel space, e.g. 0.05,0.1 or 1/255,2/255,...,8/255 (default: the dataset's usual radius)")
+    g.add_argument("--norm", choices=["Linf", "L2", "linf", "l2"], help="threat-model norm (default Linf)")
+    g.add_argument("--attacks", help="comma-separated attack suite in cascade order, e.g. fgsm,pgd-20,autoattack (default pgd-20); "
+                        "a -eot<n> suffix (pgd-20-eot10) averages gradients over n passes for stochastic models")
+    g.add_argument("--batch-size", type=int, help="batch size (default 256)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
+    a = p.add_argument_group("analyses")
+    a.add_argument("--certify", choices=["ibp", "crown", "alpha-crown"], help="also certify both models at every radius")
+    a.add_argument("--llm", action="store_true", default=None, help="also compute the Proposition-2 terms (local linearity) per radius")
+    a.add_argument("--llm-steps", type=int, help="ascent steps of the local-linearity estimate (default 20)")
+    a.add_argument("--llm-restarts", type=int,
+                   help="random restarts of the local-linearity and Proposition-2 LHS ascents (default 1)")
+    a.add_argument("--linear-region-radius", action="store_true", default=None,
+                   help="with --certify: also find, per sample, the largest radius inside one linear region "
+                        "(bisection, about 14 bound passes per sample)")
+    o = p.add_argument_group("gates and output")
+    o.add_argument("--gate", action="append", dest="gates", metavar="EXPR",
+                   help='release gate, repeatable, e.g. "student.worst@8/255 >= 0.9*teacher.worst@8/255" (replaces the spec\'s gates)')
+    o.add_argument("--gate-on", choices=["lower", "point"], help="judge gates on 95%% confidence bounds (lower, default) or point estimates")
+    o.add_argument("--strict", action="store_true", default=None, help="exit 3 when a sanity check flags the evaluation")
+    o.add_argument("--sanity-n", type=int, metavar="N",
+                   help="clean-correct samples per model for the attack-based sanity checks (large radius, 10x more "
+                        "PGD steps, per-radius monotonicity; default 64); 0 runs only the cheap checks")
+    o.add_argument("--out", help="output directory for results.json and samples.safetensors")
+    o.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out (finished work is not redone)")
+    o.add_argument("--overwrite", action="store_true", help="replace an audit already in --out")
+    o.add_argument("--no-report", action="store_true", help="write results.json and samples only, no report.md/report.html")
+    o.add_argument("--json", action="store_true", help="print results.json to stdout instead of the summary table")
+    d = p.add_argument_group("multi-process (see docs/distributed.md)")
+    d.add_argument("--launcher", choices=["none", "torchrun"], default="none",
+                   help="torchrun: re-run this command under torchrun with --nproc-per-node processes; the samples are "
+                        "sharded across them and rank 0 writes the results (same numbers as one process). "
+                        "Multi-node: call torchrun yourself: torchrun --nnodes ... -m robkd audit ...")
+    d.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="processes for --launcher torchrun (default: the number of GPUs with --device cuda, else 2)")
+    p.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    from robkd.cli.common import model_kwargs
+
+    mk = model_kwargs(args)  # parses and validates --mean/--std/--input-shape
+    return {
+        "teacher": args.teacher,
+        "student": args.student,
+        "data": args.data,
+        "data_dir": args.data_dir,
+        "split": args.split,
+        "n": args.n,
+        "seed": args.seed,
+        "img_size": args.img_size,
+        "download": True if args.download else None,
+        "eps": args.eps,
+        "norm": args.norm,
+        "attacks": args.attacks,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "certify": args.certify,
+        "llm": args.llm,
+        "llm_steps": args.llm_steps,
+        "llm_restarts": args.llm_restarts,
+        "linear_region_radius": args.linear_region_radius,
+        "gates": args.gates,
+        "gate_on": args.gate_on,
+        "strict": args.strict,
+        "sanity_n": args.sanity_n,
+        "out": args.out,
+        "arch": args.arch,
+        "teacher_arch": args.teacher_arch,
+        "student_arch": args.student_arch,
+        "mean": list(mk["mean"]) if mk["mean"] is not None else None,
+        "std": list(mk["std"]) if mk["std"] is not None else None,
+        "num_classes": args.num_classes,
+        "input_shape": list(mk["input_shape"]) if mk["input_shape"] is not None else None,
+        "allow_pickle": True if args.allow_pickle else None,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Parse settings, run the audit (under torchrun with ``--launcher torchrun``), print the summary, return the exit code."""
+    import os
+
+    from robkd.errors import RobkdError, UsageError
+
+    launcher = getattr(args, "launcher", "none") or "none"
+    nproc = getattr(args, "nproc_per_node", None)
+    if launcher == "none" and nproc is not None:
+        raise UsageError("--nproc-per-node needs --launcher torchrun")
+    if launcher == "torchrun":
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise UsageError("--launcher torchrun given inside a torchrun worker: drop --launcher when calling torchrun yourself")
+        return _relaunch(args, nproc)
+    from robkd.distributed.launch import EXIT_FILE_ENV, report_exit
+
+    if EXIT_FILE_ENV not in os.environ:
+        return _run(args)
+    # a worker started by --launcher torchrun: report the exit code through the file, exit 0
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    try:
+        code = _run(args)
+    except RobkdError as exc:
+        if rank == 0:
+            sys.stderr.write(f"robkd audit: error: {exc}\n")
+        code = exc.exit_code
+    return report_exit(code, rank=rank)
+
+
+def _relaunch(args: argparse.Namespace, nproc: int | None) -> int:
+    from robkd.distributed.launch import check_nproc, relaunch
+
+    if nproc is None:
+        nproc = 2
+        if (args.device or "").startswith("cuda"):
+            import torch
+
+            nproc = max(1, torch.cuda.device_count())
+    check_nproc(nproc)
+    argv = list(getattr(args, "_robkd_argv", None) or ["robkd"] + sys.argv[1:])[1:]
+    return relaunch(argv, nproc)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+
+    from robkd.auditing.config import AuditConfig
+    from robkd.errors import UsageError
+
+    cfg = AuditConfig.from_spec(args.spec, **_overrides(args))
+    if not cfg.teacher or not cfg.student:
+        raise UsageError("give TEACHER and STUDENT model files (or 'teacher'/'student' in --spec)")
+    if args.resume and not cfg.out:
+        raise UsageError("--resume needs --out DIR (the directory of the interrupted audit)")
+
+    from robkd.auditing.core import run_audit
+    from robkd.auditing.render import ProgressDisplay, summary_tables
+    from robkd.distributed.launch import strip_launcher_args
+    from robkd.utils.progress import progress_bar
+
+    command = strip_launcher_args(list(getattr(args, "_robkd_argv", None) or ["robkd"] + sys.argv[1:]))
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # other ranks of a torchrun job compute; rank 0 reports
+        return run_audit(cfg, resume=args.resume, overwrite=args.overwrite, command=command).exit_code
+    with progress_bar() as progress:
+        result = run_audit(cfg, resume=args.resume, overwrite=args.overwrite, on_event=ProgressDisplay(progress), command=command)
+    data = result.to_dict()
+    if cfg.out and not args.no_report:
+        try:
+            from robkd.report import render
+        except ImportError:  # pragma: no cover - the renderer ships with robkd
+            render = None
+        if render is not None:
+            render(data, cfg.out)
+    if args.json:
+        import json
+
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        from rich.console import Console
+
+        console = Console()
+        for table in summary_tables(data):
+            console.print(table)
+        if cfg.out:
+            console.print(f"results: {cfg.out}/results.json" + ("" if args.no_report else f", report: {cfg.out}/report.html"))
+        flags = result.sanity_flags
+        if flags and cfg.strict:
+            console.print(f"[red]{len(flags)} sanity flag(s) under --strict: exit 3[/red]")
+    return result.exit_code

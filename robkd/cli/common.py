@@ -1,0 +1,88 @@
+"""Flags shared by several commands (model loading, data selection, radii, output)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_model_args(p: argparse.ArgumentParser, *, pair: bool = True) -> None:
+    """Flags that complete what a model file does not say about itself."""
+    g = p.add_argument_group("model loading")
+    g.add_argument("--arch", help="architecture for state_dict files: robkd:<name>, timm:<name> or module.path:Factory")
+    if pair:
+        g.add_argument("--teacher-arch", help="architecture of the teacher only (overrides --arch)")
+        g.add_argument("--student-arch", help="architecture of the student only (overrides --arch)")
+    g.add_argument("--mean", help="per-channel mean applied inside the model, e.g. 0.4914,0.4822,0.4465")
+    g.add_argument("--std", help="per-channel std applied inside the model")
+    g.add_argument("--num-classes", type=int, help="number of classes (state_dict files)")
+    g.add_argument("--input-shape", help="input shape C,H,W (default: from the checkpoint or dataset)")
+    g.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow loading fully pickled nn.Module files (runs code from the file: only for files you trust)",
+    )
+
+
+def add_data_args(p: argparse.ArgumentParser, *, default_n: int | None = 1000) -> None:
+    """Dataset, subset size and seed."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="dataset name (fashion-mnist, mnist, cifar10, cifar100, imagefolder, fashion-mnist-slice) or a .npz/.pt file")
+    g.add_argument("--data-dir", help="directory holding the dataset files")
+    g.add_argument("--split", default=None, help="split to evaluate on (default: test)")
+    g.add_argument("--n", "-n", "--num-samples", dest="n", type=int, default=None,
+                   help=f"number of samples, a seeded random subset (default: {default_n}); "
+                        "under torchrun write -n or --num-samples (torchrun mistakes --n for its own --nnodes)")
+    g.add_argument("--seed", type=int, default=None, help="seed for the subset and the attacks (default: 0)")
+    g.add_argument("--img-size", type=int, help="resize ImageFolder images to this size")
+    g.add_argument("--download", action="store_true", help="download the dataset through torchvision if missing")
+
+
+def add_device_arg(g: "argparse._ActionsContainer", *, what: str = "computes") -> None:
+    """``--device`` (cpu default; cuda, cuda:N, mps); under torchrun CUDA means one GPU per process."""
+    g.add_argument("--device", default="cpu",
+                   help=f"where the run {what}: cpu (default), cuda, cuda:N or mps; under torchrun --device cuda "
+                        "uses cuda:LOCAL_RANK and the nccl backend")
+
+
+def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    """``'0.5,0.5'`` -> (0.5, 0.5); raises UsageError on bad numbers."""
+    if text is None:
+        return None
+    from robkd.errors import UsageError
+
+    try:
+        vals = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError as exc:
+        raise UsageError(f"bad {what} {text!r}: expected comma-separated numbers") from exc
+    if not vals:
+        raise UsageError(f"empty {what}")
+    return vals
+
+
+def parse_shape(text: str | None) -> tuple[int, int, int] | None:
+    """``'3,32,32'`` -> (3, 32, 32)."""
+    if text is None:
+        return None
+    from robkd.errors import UsageError
+
+    try:
+        vals = tuple(int(v) for v in str(text).replace("x", ",").split(","))
+    except ValueError as exc:
+        raise UsageError(f"bad --input-shape {text!r}: expected C,H,W") from exc
+    if len(vals) != 3 or min(vals) <= 0:
+        raise UsageError(f"bad --input-shape {text!r}: expected three positive integers C,H,W")
+    return vals  # type: ignore[return-value]
+
+
+def model_kwargs(args: argparse.Namespace, role: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for :func:`robkd.models.load_model` from parsed flags."""
+    arch = getattr(args, f"{role}_arch", None) if role else None
+    return dict(
+        arch=arch or getattr(args, "arch", None),
+        mean=parse_floats(getattr(args, "mean", None), "--mean"),
+        std=parse_floats(getattr(args, "std", None), "--std"),
+        num_classes=getattr(args, "num_classes", None),
+        input_shape=parse_shape(getattr(args, "input_shape", None)),
+        allow_pickle=bool(getattr(args, "allow_pickle", False)),
+    )

@@ -1,0 +1,72 @@
+"""``robkd repair TEACHER [STUDENT]``: distil the teacher's robustness into the student, then audit the pair."""
+
+from __future__ import annotations
+
+import argparse
+
+from robkd.cli.train import OBJECTIVES_HELP, STUDENT_METHODS, add_train_args, hparams_from_args, parse_arch_kwargs
+
+
+def register(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "repair", help="distil a robust teacher into a student (KDIGA, ARD, ...), then audit the pair",
+        description=(
+            "Fine-tune STUDENT to keep TEACHER's adversarial robustness (default method: kdiga), save a "
+            "self-describing robkd checkpoint, then audit (teacher, new student) and write the report "
+            "(unless --no-audit). --from-scratch re-initialises STUDENT; without STUDENT, --student-arch "
+            "creates a new one."
+        ),
+        epilog=OBJECTIVES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("teacher", metavar="TEACHER", help="robust teacher model file")
+    p.add_argument("student", metavar="STUDENT", nargs="?", help="student model file to fine-tune (omit with --student-arch)")
+    p.add_argument("--method", choices=STUDENT_METHODS, default="kdiga", help="distillation objective (default: kdiga)")
+    p.add_argument("--out", required=True, help="output checkpoint path of the repaired student")
+    p.add_argument("--from-scratch", action="store_true", help="re-initialise STUDENT (same architecture) before training")
+    p.add_argument("--student-arch", help="without STUDENT: architecture of a new student; with STUDENT (a state_dict): its architecture")
+    p.add_argument("--arch-kwargs", help="JSON keyword arguments of --student-arch, e.g. '{\"width\": 2}'")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled nn.Module files (runs code from the file)")
+    g = p.add_argument_group("audit after training", "the audits run on --device, like the training")
+    g.add_argument("--no-audit", action="store_true", help="skip the audit of (teacher, repaired student)")
+    g.add_argument("--no-before-audit", action="store_true",
+                   help="skip the audit of STUDENT as given (otherwise it runs first, with the same settings, and the "
+                        "report compares before with after)")
+    g.add_argument("--audit-out", help="audit output directory (default: OUT.audit/)")
+    g.add_argument("--audit-n", type=int, default=1000, help="test samples of the audit (default: 1000)")
+    g.add_argument("--audit-eps", help="audit radii, e.g. 0.02,0.04,...,0.1 (default: the dataset's radius)")
+    g.add_argument("--audit-attacks", default="pgd-20", help="audit attacks, comma-separated (default: pgd-20)")
+    add_train_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from robkd.distill import repair
+    from robkd.errors import UsageError
+
+    if args.student is None and not args.student_arch:
+        raise UsageError("give STUDENT (a model file to fine-tune) or --student-arch to create a new student")
+    if args.student is None and args.from_scratch:
+        raise UsageError("--from-scratch re-initialises STUDENT: give STUDENT, or use --student-arch alone")
+    load_kw = {"arch": args.student_arch, "allow_pickle": args.allow_pickle} if args.student else {}
+    audit_kw: dict = {"n": args.audit_n, "attacks": [a.strip() for a in args.audit_attacks.split(",") if a.strip()],
+                      "seed": args.seed, "device": args.device}  # the audits run on the training device
+    if args.audit_eps:
+        audit_kw["eps"] = args.audit_eps
+    audit_out = args.audit_out or (args.out + ".audit")
+    res = repair(
+        args.teacher, args.student, method=args.method, data=args.data, epochs=args.epochs, out=args.out,
+        from_scratch=args.from_scratch, student_arch=args.student_arch if args.student is None else None,
+        arch_kwargs=parse_arch_kwargs(args.arch_kwargs), load_kwargs=load_kw, data_dir=args.data_dir,
+        state_path=args.state, log_path=args.log, resume=args.resume, audit=not args.no_audit,
+        audit_out=None if args.no_audit else Path(audit_out), audit_kwargs=audit_kw,
+        audit_before=not args.no_before_audit, **hparams_from_args(args),
+    )
+    out = logging.getLogger("robkd")
+    out.info("saved %s (selected epoch %s)", res.checkpoint, res.log.selected_epoch)
+    if res.audit is not None:
+        out.info("audit written to %s", audit_out)
+        return int(getattr(res.audit, "exit_code", 0) or 0)
+    return 0

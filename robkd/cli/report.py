@@ -1,0 +1,59 @@
+"""``robkd report results.json --format md,html --out DIR``: re-render reports from a results file.
+
+No model and no torch are needed: the report is rendered from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add the ``report`` command."""
+    p = sub.add_parser(
+        "report",
+        help="re-render report.md / report.html from a results.json (no model needed)",
+        description="Re-render the Markdown and self-contained HTML reports from a results.json written by "
+        "'robkd audit' or 'robkd repair'. No model or GPU is needed.",
+    )
+    p.add_argument("results", help="path to results.json")
+    p.add_argument("--format", default="md,html", help="comma-separated formats: md, html (default: md,html)")
+    p.add_argument("--out", help="output directory (default: the directory of results.json)")
+    p.set_defaults(func=run)
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``'md,html'`` -> ('md', 'html'); raises UsageError on an unknown or empty format list."""
+    from robkd.errors import UsageError
+    from robkd.report import FORMATS
+
+    fmts = [f.strip().lower() for f in str(text).split(",") if f.strip()]
+    if not fmts:
+        raise UsageError("empty --format: use md, html or md,html")
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad:
+        raise UsageError(f"unknown --format {', '.join(bad)}: use {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(fmts))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, validate and render; prints the written paths on stdout."""
+    import sys
+
+    from robkd.report import load_results, render, with_training_log
+
+    formats = parse_formats(args.format)
+    path = Path(args.results)
+    result = load_results(path)
+    src_dir = path if path.is_dir() else path.resolve().parent
+    result = with_training_log(result, src_dir)
+    out_dir = Path(args.out) if args.out else src_dir
+    written = render(result, out_dir, formats=formats)
+    for p in written:
+        sys.stdout.write(f"{p}\n")
+    log.info("report written to %s", out_dir)
+    return 0

@@ -1,0 +1,122 @@
+"""The in-memory dataset type, pixel-range checks, seeded subsets and splits."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from robkd.errors import DataError, UsageError
+
+
+@dataclasses.dataclass
+class ImageData:
+    """Images ``x`` (N,C,H,W; uint8 0..255 or float in [0,1]) and labels ``y`` (N,) int64.
+
+    ``indices`` are the positions of the samples in the source dataset, kept
+    through subsetting so results can name the exact test images used.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    name: str = "custom"
+    classes: list[str] | None = None
+    indices: torch.Tensor | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.dim() == 3:  # N,H,W grayscale
+            self.x = self.x.unsqueeze(1)
+        if self.x.dim() != 4:
+            raise DataError(f"{self.name}: images must be N,C,H,W (or N,H,W), got shape {list(self.x.shape)}")
+        if self.y.dim() != 1 or self.y.shape[0] != self.x.shape[0]:
+            raise DataError(f"{self.name}: {self.x.shape[0]} images but labels of shape {list(self.y.shape)}")
+        self.y = self.y.long()
+        if self.indices is None:
+            self.indices = torch.arange(self.x.shape[0])
+        check_pixel_range(self.x, self.name)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return tuple(int(v) for v in self.x.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (from the class names when known, else max label + 1)."""
+        if self.classes:
+            return len(self.classes)
+        return int(self.y.max().item()) + 1 if len(self) else 0
+
+    def float_x(self, idx: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Images as float32 in [0,1] (optionally a slice/index of them)."""
+        x = self.x if idx is None else self.x[idx]
+        if x.dtype == torch.uint8:
+            return x.float().div_(255.0)
+        return x.float()
+
+    def select(self, idx: torch.Tensor) -> "ImageData":
+        """A new ImageData with the samples at positions ``idx``."""
+        return dataclasses.replace(self, x=self.x[idx], y=self.y[idx], indices=self.indices[idx])  # type: ignore[index]
+
+    def batches(self, batch_size: int):
+        """Yield ``(x_float, y)`` batches in order."""
+        for s in range(0, len(self), batch_size):
+            yield self.float_x(slice(s, s + batch_size)), self.y[s : s + batch_size]
+
+
+def check_pixel_range(x: torch.Tensor, name: str = "data") -> None:
+    """Reject float data outside [0,1] (typically already normalised) with the fix."""
+    if x.dtype == torch.uint8 or x.numel() == 0:
+        return
+    if not torch.is_floating_point(x):
+        raise DataError(f"{name}: images must be uint8 (0..255) or float in [0,1], got {x.dtype}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo != lo or hi != hi:
+        raise DataError(f"{name}: images contain NaN")
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(
+            f"{name}: pixel values span [{lo:.3g}, {hi:.3g}], outside [0,1]: the data looks normalised already. "
+            "Pass raw pixels in [0,1] and give the normalisation to the model instead (--mean/--std)"
+        )
+
+
+def eval_subset(data: ImageData, n: int | None, seed: int = 0) -> ImageData:
+    """A deterministic random subset of ``n`` samples (all when ``n`` is None or >= len).
+
+    The same (dataset, n, seed) always gives the same samples in the same order.
+    """
+    if n is not None and (not isinstance(n, int) or n <= 0):
+        raise UsageError(f"--n must be a positive integer, got {n!r}")
+    if len(data) == 0:
+        raise DataError(f"{data.name}: the dataset is empty")
+    if n is None or n >= len(data):
+        return data
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(len(data), generator=g)[:n]
+    return data.select(idx)
+
+
+def train_val_split(data: ImageData, val_fraction: float = 0.1, seed: int = 0) -> tuple[ImageData, ImageData]:
+    """Seeded split into (train, validation); validation gets ``val_fraction`` of the samples."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"validation fraction must be in (0, 1), got {val_fraction}")
+    n_val = max(1, int(round(len(data) * val_fraction)))
+    if n_val >= len(data):
+        raise DataError(f"{data.name}: {len(data)} samples are too few to carve a validation split")
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    perm = torch.randperm(len(data), generator=g)
+    return data.select(perm[n_val:]), data.select(perm[:n_val])
+
+
+def stack_uint8(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack HWC/CHW uint8 tensors into N,C,H,W, raising on mixed sizes."""
+    shapes = {tuple(t.shape) for t in images}
+    if len(shapes) != 1:
+        raise DataError(f"images have different sizes {sorted(shapes)[:4]}: pass --img-size to resize them")
+    return torch.stack(list(images))
