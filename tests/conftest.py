@@ -1,0 +1,85 @@
+"""Shared fixtures: real Fashion-MNIST slices and tiny models (trained once per session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("ROBKD_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def fmnist_test():
+    """The bundled real Fashion-MNIST test slice (1000 images, uint8)."""
+    from robkd.data import load_dataset
+
+    return load_dataset("fashion-mnist-slice", "test")
+
+
+@pytest.fixture(scope="session")
+def fmnist_train():
+    """The bundled real Fashion-MNIST train slice (2000 images, uint8)."""
+    from robkd.data import load_dataset
+
+    return load_dataset("fashion-mnist-slice", "train")
+
+
+def _train_plain(model, data, epochs: int, seed: int, lr: float = 0.05):
+    """A minimal seeded SGD loop (standard training) for test fixtures."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(data), generator=g)
+        for s in range(0, len(data), 64):
+            idx = perm[s : s + 64]
+            x, y = data.float_x(idx), data.y[idx]
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(fmnist_train):
+    """A non-robust ``robkd:cnn_small`` trained on the Fashion-MNIST slice (~75-80% clean)."""
+    from robkd.models import build_model
+
+    m = build_model("robkd:cnn_small", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,), dataset="fashion-mnist")
+    return _train_plain(m, fmnist_train, epochs=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(fmnist_train):
+    """A small non-robust ``robkd:mlp`` (784-64-32-10) trained on the slice."""
+    from robkd.models import build_model
+
+    m = build_model("robkd:mlp", input_shape=(1, 28, 28), num_classes=10, dataset="fashion-mnist", arch_kwargs={"hidden": [64, 32]})
+    return _train_plain(m, fmnist_train, epochs=4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def st_pair_fmnist():
+    """Two standard-trained (non-robust) models on the FULL real Fashion-MNIST train set.
+
+    ``robkd:cnn_small`` and ``robkd:mlp`` (784-100-10), 2 epochs each (~84-89% clean). Skipped
+    where Debian's dataset-fashion-mnist is not installed.
+    """
+    from pathlib import Path
+
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    from robkd.data import load_dataset
+    from robkd.models import build_model
+
+    train = load_dataset("fashion-mnist", "train")
+    cnn = build_model("robkd:cnn_small", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,), dataset="fashion-mnist")
+    mlp = build_model("robkd:mlp", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,), dataset="fashion-mnist", arch_kwargs={"hidden": [100]})
+    return _train_plain(cnn, train, epochs=2, seed=0), _train_plain(mlp, train, epochs=2, seed=1)
