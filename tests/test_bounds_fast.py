@@ -115,18 +115,31 @@ def test_relaxed_relu_backward_equals_plain():
     assert torch.allclose(new[0], new2, atol=1e-6) and torch.allclose(bias, bias2, atol=1e-5)
 
 
-def _assert_unstable_equal_up_to_rounding(m, x, eps, got, want, tol=1e-4):
-    """Unstable-ReLU counts of two bound paths agree, except for neurons whose reference bound lies
-    within float rounding of zero (the fast and the reference pass round differently, and the trained
-    weights differ slightly between CPUs, so such a neuron may count as unstable in one path only)."""
+def _assert_unstable_equal_up_to_rounding(m, x, y, eps, got, want, tol=1e-4):
+    """Unstable-ReLU sets of the fast and the reference bound pass agree neuron by neuron, except for
+    neurons whose reference bound lies within float rounding of zero (the two passes round differently,
+    and the trained weights differ slightly between CPUs, so such a neuron may be unstable in one path
+    only); certify's per-sample counts (``got`` fast, ``want`` reference) differ by at most that many.
+
+    A near-zero bound is not always rare: over Fashion-MNIST's black background every sample sees the
+    same constant pre-activation at a given channel, so one bias within ``tol`` of zero makes hundreds of
+    borderline neurons. The per-neuron comparison stays strict on all the others."""
     bm = BoundedModel(m, tuple(x.shape[1:]))
+    C = margin_matrix(y, 10)
     with torch.no_grad():
-        _, _, nb = bm.bounds(x, eps, reference=True, upper=False)
-    borderline = torch.zeros(x.shape[0], dtype=torch.long)
+        _, _, nb_ref = bm.bounds(x, eps, C=C, reference=True, upper=False)
+        _, _, nb_fast = bm.bounds(x, eps, C=C, upper=False)
+    B = x.shape[0]
+    borderline = torch.zeros(B, dtype=torch.long)
     for name in bm.relu_inputs:
-        lo, hi = nb[name]
-        borderline += ((lo.abs() <= tol) | (hi.abs() <= tol)).reshape(x.shape[0], -1).sum(1)
-    assert int(borderline.sum()) <= 0.01 * int(want.sum())  # rounding explains at most a handful
+        lo, hi = nb_ref[name]
+        near = (lo.abs() <= tol) | (hi.abs() <= tol)
+        borderline += near.reshape(B, -1).sum(1)
+        unstable_ref = (lo < 0) & (hi > 0)
+        unstable_fast = (nb_fast[name][0] < 0) & (nb_fast[name][1] > 0)
+        assert not ((unstable_ref != unstable_fast) & ~near).any(), name
+    # not vacuous: nearly every neuron is compared strictly
+    assert int(borderline.sum()) <= 0.02 * bm.total_relus * B
     diff = (got - want).abs()
     assert (diff <= borderline).all(), (diff.tolist(), borderline.tolist())
 
@@ -147,7 +160,7 @@ def test_certify_early_exit_matches_reference(cnn_slice, eps):
     # full CROWN (no early exit) equals the reference pass
     full = certify(m, x, y, eps, early_exit=False)
     assert _close(full.margin_lb, ref.margin_lb)
-    _assert_unstable_equal_up_to_rounding(m, x, eps, full.unstable, ref.unstable)
+    _assert_unstable_equal_up_to_rounding(m, x, y, eps, full.unstable, ref.unstable)
     # early-exited margins are sound lower bounds; the IBP-decided ones still certify
     C = margin_matrix(y, 10)
     with torch.no_grad():

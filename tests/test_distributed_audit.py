@@ -44,7 +44,14 @@ def audits(tmp_path_factory, model_files):
     root = tmp_path_factory.mktemp("dist_audits")
     t, s = (str(p) for p in model_files)
     single = root / "single"
-    rc_single = main(["audit", t, s, *ARGS, *GATE, "--out", str(single)])
+    # the same thread count as each torchrun worker (OMP_NUM_THREADS=1): on some CPUs the float
+    # reductions of the Proposition-2 and LLM terms round differently with 1 and 2 threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc_single = main(["audit", t, s, *ARGS, *GATE, "--out", str(single)])
+    finally:
+        torch.set_num_threads(threads)
     sharded = root / "sharded"
     proc = subprocess.run(
         [sys.executable, "-m", "robkd", "audit", t, s, *ARGS, *GATE, "--out", str(sharded),
