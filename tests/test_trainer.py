@@ -77,6 +77,14 @@ def test_multistep_schedule_really_decays(split):
     assert [r["lr"] for r in log.records] == pytest.approx([0.1, 0.1, 0.01, 0.001])
 
 
+def test_milestones_landing_on_one_epoch_apply_both_decays(split):
+    """3 passes, milestones at 0.5 and 0.75: both round to pass 2, where the rate must fall by gamma^2
+    (a set of milestones would drop one decay, like the reference code's LR helper)."""
+    cfg = TrainConfig(method="st", epochs=3, batch_size=128, lr=0.1, milestones=(0.5, 0.75), val_n=0, select="last")
+    log = Trainer(_mlp(0), cfg, split[0], None, show_progress=False).fit()
+    assert [r["lr"] for r in log.records] == pytest.approx([0.1, 0.1, 0.001])
+
+
 def test_val_robust_selection_returns_best_epoch(split):
     tr, va = split
     cfg = TrainConfig(method="at", epochs=3, batch_size=64, lr=0.05, steps=2, val_n=64, val_steps=3, select="val-robust")
@@ -324,6 +332,23 @@ def test_fast_ard_run_makes_ceil_passes(split, teacher):
     log = Trainer(_mlp(6), cfg, tr, None, teacher, dataset="fashion-mnist", default_eps=0.1, show_progress=False).fit()
     assert [r["epoch"] for r in log.records] == [1, 2, 3]  # round(2.5) would be 2
     assert log.global_step == 3 * 2  # 3 passes of 2 batches (each batch replayed twice)
+
+
+def test_fast_ard_runs_the_teacher_once_per_minibatch(split, teacher):
+    """The teacher sees the same clean x in all m replays: one teacher forward per minibatch, not m."""
+    tr, _ = split
+    cfg = TrainConfig(method="fast-ard", epochs=2, replays=3, batch_size=8, lr=0.05, val_n=0, select="last",
+                      cache_teacher=False)
+    trainer = Trainer(_mlp(6), cfg, tr, None, copy.deepcopy(teacher), dataset="fashion-mnist", default_eps=0.1,
+                      show_progress=False)
+    calls = []
+    trainer.teacher.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    ctx = O.StepContext(trainer.student, trainer.teacher, trainer.config, torch.Generator(), None)
+    opt = torch.optim.SGD(trainer.student.parameters(), lr=0.05)
+    trainer.student.train()
+    x, y = tr.float_x(slice(0, 8)), tr.y[:8]
+    trainer._fast_ard_batch(ctx, opt, x, y, None, None)
+    assert calls == [8]
 
 
 def test_validation_uses_val_n_samples(split):

@@ -155,9 +155,10 @@ def run(args: argparse.Namespace) -> int:
         arch_kwargs=parse_arch_kwargs(args.arch_kwargs), data_dir=args.data_dir, state_path=args.state,
         log_path=args.log, resume=args.resume, **hparams_from_args(args),
     )
-    last = res.log.records[-1] if res.log.records else {}
+    sel = res.log.selected_epoch
+    chosen = res.log.records[sel - 1] if sel and 0 < sel <= len(res.log.records) else {}
     logging.getLogger("robkd").info(
-        "saved %s (selected epoch %s, val clean %s, val robust %s)", res.checkpoint, res.log.selected_epoch,
-        last.get("val_clean"), last.get("val_robust"),
+        "saved %s (selected epoch %s, val clean %s, val robust %s)", res.checkpoint, sel,
+        chosen.get("val_clean"), chosen.get("val_robust"),
     )
     return 0

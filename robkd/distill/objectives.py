@@ -233,7 +233,8 @@ def get_objective(method: str) -> Objective:
         raise UsageError(f"no per-batch objective for method {method!r}; known: {', '.join(OBJECTIVES)}") from None
 
 
-def fast_ard_replay(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, idx, delta: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+def fast_ard_replay(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, idx, delta: torch.Tensor,
+                    teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """One Fast-ARD replay ("free" training): returns ``(loss, terms, new_delta)``.
 
     One forward pass of the student at ``x + delta`` (student in train mode);
@@ -244,11 +245,13 @@ def fast_ard_replay(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, idx, del
     one backward pass serve both updates); it persists across replays and
     batches. Objective: alpha tau^2 KL(T(x)/tau || S(x+delta)/tau) + (1-alpha) CE(S(x), y).
     The returned ``new_delta`` reads ``x_in.grad``, so it is computed lazily by
-    :func:`fast_ard_update_delta` after the caller's backward.
+    :func:`fast_ard_update_delta` after the caller's backward. ``teacher_logits``: ``T(x)`` when the
+    caller already has it (the teacher sees the same clean ``x`` in every replay, so the trainer computes
+    it once per minibatch, not ``m`` times).
     """
     c = ctx.config
     x_in = (x + delta).clamp(0.0, 1.0).detach().requires_grad_(True)
-    t = ctx.teacher_logits(x, idx)
+    t = ctx.teacher_logits(x, idx) if teacher_logits is None else teacher_logits
     kl = c.alpha * L.distillation_kl(ctx.student(x_in), t, c.temperature)
     loss, terms = kl, {"kl_adv": kl.item()}
     if c.alpha < 1:

@@ -303,7 +303,9 @@ class Trainer:
         if c.schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total)
         elif c.schedule == "multistep":
-            ms = sorted({max(1, int(round(f * steps_total))) for f in c.milestones})
+            # duplicates are kept: on a short run two fractions can land on the same epoch, and
+            # MultiStepLR then applies gamma once per milestone there instead of losing a decay
+            ms = sorted(max(1, int(round(f * steps_total))) for f in c.milestones)
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=ms, gamma=c.lr_gamma)
         else:
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[], gamma=1.0)
@@ -533,8 +535,9 @@ class Trainer:
         delta = delta.to(x.device)
         d = delta[:b]
         agg: dict[str, float] = {}
+        t_logits = ctx.teacher_logits(x, cidx)  # clean x: the same in every replay
         for _ in range(c.replays):
-            loss, terms, x_in = O.fast_ard_replay(ctx, x, y, cidx, d)
+            loss, terms, x_in = O.fast_ard_replay(ctx, x, y, cidx, d, t_logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             d = O.fast_ard_update_delta(ctx, x, x_in)
