@@ -218,24 +218,33 @@ def test_cascade_semantics(trained_cnn, batch):
     cheap.name, cheap.cost = "cheap", 1.0
     strong = _Recorder("Linf", 0.0, steps=20, restarts=2, log=log)
     strong.name, strong.cost = "strong", 40.0
-    radii = [0.005, 0.02, 0.05]
+    radii = [0.05, 0.08, 0.12]  # strong breaks samples at the smallest radius that cheap does not
     res = Suite([strong, cheap], "Linf", progress=False).run(trained_cnn, x, y, radii)
     assert res.order == ["cheap", "strong"] and res.attacks == ["strong", "cheap"]
-    assert [(n, e) for n, e, _ in log] == [(a, r) for r in radii for a in ("cheap", "strong")]
+    # attacks outer (cascade order), radii inner (ascending)
+    assert [(n, e) for n, e, _ in log] == [(a, r) for a in ("cheap", "strong") for r in radii]
     bb = res.broken_by
     assert bool((bb[:, ~res.clean_correct] == CLEAN_WRONG).all())
+    n_r = len(radii)
     for ri, eps in enumerate(radii):
-        seen_cheap = _rows(log[2 * ri][2], x)
-        seen_strong = _rows(log[2 * ri + 1][2], x)
-        # cheap sees exactly the clean-correct samples not broken at a smaller radius
-        prev_broken = (bb[ri - 1] >= 0) if ri else torch.zeros(len(y), dtype=torch.bool)
-        assert seen_cheap == sorted((res.clean_correct & ~prev_broken).nonzero().flatten().tolist())
-        # strong sees only what cheap left unbroken at this radius
-        assert seen_strong == sorted([i for i in seen_cheap if int(bb[ri, i]) != 1])
-    # monotone: broken at r => broken (by the same attack) at every r' > r
+        seen_cheap = _rows(log[ri][2], x)
+        seen_strong = _rows(log[n_r + ri][2], x)
+        # cheap sees exactly the clean-correct samples it did not break at a smaller radius (a sample that
+        # only strong breaks at a smaller radius is still attacked by cheap here)
+        prev_cheap = (bb[ri - 1] == 1) if ri else torch.zeros(len(y), dtype=torch.bool)
+        assert seen_cheap == sorted((res.clean_correct & ~prev_cheap).nonzero().flatten().tolist())
+        # strong sees what cheap left unbroken at this radius and strong did not break at a smaller one
+        prev_strong = (bb[ri - 1] >= 0) if ri else torch.zeros(len(y), dtype=torch.bool)
+        want = res.clean_correct & (bb[ri] != 1) & ~prev_strong
+        assert seen_strong == sorted(want.nonzero().flatten().tolist())
+    # not vacuous: strong broke samples at the smallest radius that cheap then attacked at the next one
+    assert bool(((bb[0] == 0) & torch.isin(torch.arange(len(y)), torch.tensor(_rows(log[1][2], x)))).any())
+    # monotone: broken at r => broken at every r' > r, by the same attack or one earlier in the cascade
+    order_pos = {res.attacks.index(a): i for i, a in enumerate(res.order)}
     for ri in range(len(radii) - 1):
         broken = bb[ri] >= 0
-        assert torch.equal(bb[ri + 1][broken], bb[ri][broken])
+        assert bool((bb[ri + 1][broken] >= 0).all())
+        assert all(order_pos[int(b)] <= order_pos[int(a)] for a, b in zip(bb[ri][broken], bb[ri + 1][broken]))
     acc = res.robust_accuracy()
     assert acc[0] >= acc[1] >= acc[2] and acc[2] < acc[0]
     # robust_after is cumulative in execution order and ends at the worst case
@@ -244,6 +253,20 @@ def test_cascade_semantics(trained_cnn, batch):
     # stored examples are valid at the radius where they were first found
     broken = ~torch.isnan(res.adv_radius)
     assert bool(verify_adversarial(trained_cnn, x[broken], res.x_adv[broken], y[broken], "Linf", res.adv_radius[broken]).all())
+
+
+def test_cumulative_figures_are_exact_at_every_radius(trained_cnn, batch):
+    """robust_after[A] over several radii equals a suite of the attacks up to A alone: a sample that a
+    later attack breaks at a small radius is still attacked by the earlier ones at the larger radii."""
+    x, y = batch
+    radii = [0.01, 0.04, 0.1]
+    full = Suite(["fgsm", "pgd-5", "deepfool"], "Linf", progress=False).run(trained_cnn, x, y, radii)
+    assert full.order == ["fgsm", "pgd-5", "deepfool"]
+    for upto in (["fgsm"], ["fgsm", "pgd-5"]):
+        part = Suite(upto, "Linf", progress=False).run(trained_cnn, x, y, radii)
+        assert torch.equal(full.robust_after[upto[-1]], part.robust), upto
+    # (that the earlier attacks really run on samples a later one broke at a smaller radius is checked
+    # on the attacks' inputs in test_cascade_semantics)
 
 
 def test_suite_resume_skips_finished_pairs_and_matches_a_full_run(trained_cnn, batch):
@@ -263,7 +286,7 @@ def test_suite_resume_skips_finished_pairs_and_matches_a_full_run(trained_cnn, b
     with pytest.raises(Interrupt):
         Suite(["fgsm", "pgd-5"], "Linf", progress=False).run(trained_cnn, x, y, radii, on_checkpoint=stop_after_three)
     state = SuiteResult.from_tensors(saved[-1])
-    assert state.done == {("fgsm", 0.01), ("pgd-5", 0.01), ("fgsm", 0.03)}
+    assert state.done == {("fgsm", 0.01), ("fgsm", 0.03), ("pgd-5", 0.01)}
     seen = []
     res = Suite(["fgsm", "pgd-5"], "Linf", progress=False).run(
         trained_cnn, x, y, radii, state=saved[-1], on_progress=lambda ev: seen.append((ev["attack"], ev["radius"])))

@@ -5,9 +5,17 @@ Semantics (AutoAttack-style worst case):
 - a sample is robust at a radius only if no attack of the suite broke it there;
 - attacks run in ascending :attr:`~robkd.attacks.base.Attack.cost` (ties keep the
   given order), each only on the samples still unbroken at that radius;
-- radii run in ascending order; a sample broken at radius r counts as broken at
-  every larger radius without being attacked again (the same perturbation is
-  valid there), and its stored ``x_adv`` is the one found at the smallest radius;
+- each attack runs over the radii in ascending order; a sample it breaks at
+  radius r counts as broken at every larger radius without being attacked again
+  (the same perturbation is valid there), and its stored ``x_adv`` is the one
+  found at the smallest radius;
+- the attack loop is the outer one: an attack runs at every radius before the
+  next attack starts. So a sample broken at a small radius only by a *later*
+  attack is still attacked by the earlier ones at the larger radii, and the
+  robust accuracy after attack A (``robust_after``) is exactly the worst case
+  over the attacks up to A at every radius. The last attack sees the same
+  samples as in a radius-outer loop, so the cost is the same but for cheap
+  attacks re-running on a few samples, and the worst case is unchanged;
 - every adversarial example an attack claims is re-checked by a plain forward
   pass (:func:`~robkd.attacks.base.verify_adversarial`); failures are not counted
   and are logged as a warning with their count.
@@ -66,8 +74,9 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> list[flo
 class SuiteResult:
     """Per-sample outcome of a :class:`Suite` run.
 
-    ``broken_by[r, i]`` is the index into ``attacks`` of the attack that first broke
-    sample ``i`` at ``radii[r]`` (also when inherited from a smaller radius),
+    ``broken_by[r, i]`` is the index into ``attacks`` of the first attack in
+    execution order that broke sample ``i`` at ``radii[r]`` (or at a smaller radius,
+    whose perturbation is valid at ``radii[r]`` too),
     ``-1`` when robust, ``-2`` when misclassified clean. ``x_adv[i]`` is the
     verified adversarial example found at the smallest radius ``adv_radius[i]``
     (``x`` itself and NaN for samples never broken). ``order`` is the execution
@@ -310,8 +319,8 @@ class Suite:
 
         bar_ctx = progress_bar() if self.progress else _null_progress()
         with bar_ctx as bar:
-            for ri, eps in enumerate(radii_l):
-                for name in self.order:
+            for name in self.order:  # attacks outer, radii inner: see the module docstring
+                for ri, eps in enumerate(radii_l):
                     if (name, eps) in result.done:
                         continue
                     k = self.attacks.index(name)
