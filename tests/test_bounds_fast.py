@@ -161,6 +161,12 @@ def test_certify_early_exit_matches_reference(cnn_slice, eps):
     full = certify(m, x, y, eps, early_exit=False)
     assert _close(full.margin_lb, ref.margin_lb)
     _assert_unstable_equal_up_to_rounding(m, x, y, eps, full.unstable, ref.unstable)
+    # region statistics do not depend on the early exit: every sample gets CROWN intermediate bounds
+    _assert_unstable_equal_up_to_rounding(m, x, y, eps, fast.unstable, ref.unstable)
+    assert fast.linear_region.tolist() == ref.linear_region.tolist()
+    # the cheaper statistics from the deciding bounds only ever over-count
+    loose = certify(m, x, y, eps, region_stats=False)
+    assert (loose.unstable >= fast.unstable).all() and (loose.unstable > fast.unstable).any()
     # early-exited margins are sound lower bounds; the IBP-decided ones still certify
     C = margin_matrix(y, 10)
     with torch.no_grad():
@@ -207,6 +213,9 @@ def test_certify_radii_consistent_with_single_radius(cnn_slice):
         assert (single.certified <= r.certified).all()
         fresh = torch.tensor([d != "larger-radius" for d in r.decided_by])
         assert torch.equal(r.certified[fresh], single.certified[fresh])
+        # region statistics are this radius' own, inherited certificate or not (rounding aside)
+        assert torch.equal(r.linear_region, single.linear_region)
+        assert int((r.unstable - single.unstable).abs().sum()) <= 0.001 * int(single.unstable.sum()) + 2
     by_eps = {r.eps: r for r in res}
     assert (by_eps[0.03].certified <= by_eps[0.015].certified).all()
     assert (by_eps[0.015].certified <= by_eps[0.005].certified).all()

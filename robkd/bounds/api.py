@@ -213,6 +213,7 @@ def certify(
     early_exit: bool = True,
     skip: torch.Tensor | None = None,
     reference: bool = False,
+    region_stats: bool = True,
 ) -> CertifyResult:
     """Certify ``model`` on ``(x, y)`` at radius ``eps``: margins ``y - j`` are bounded directly (spec matrix C).
 
@@ -221,9 +222,12 @@ def certify(
 
     With ``early_exit`` (default) each sample gets only the bounds needed to decide it: IBP, then
     CROWN on IBP intermediate bounds, then full CROWN (then alpha-CROWN); misclassified samples get
-    IBP only. ``certified`` and ``status`` are the same as without early exit; ``margin_lb``,
-    ``unstable`` and ``linear_region`` then come from the cheapest bounds that decided the sample
-    (still sound, possibly looser; see ``decided_by``). ``skip`` (N,) bool marks samples the caller
+    IBP only. ``certified`` and ``status`` are the same as without early exit; ``margin_lb`` then
+    comes from the cheapest bounds that decided the sample (still sound, possibly looser; see
+    ``decided_by``). ``unstable`` and ``linear_region`` come from the method's own intermediate bounds
+    (CROWN for ``crown``/``alpha-crown`` with ``intermediate="crown"``) for every sample, decided early
+    or not (``region_stats=False`` takes them from the deciding bounds instead: cheaper, but then they
+    mix IBP and CROWN figures and are only a sound over-count of unstable ReLUs). ``skip`` (N,) bool marks samples the caller
     already knows cannot be certified (e.g. broken by a verified attack): they get IBP bounds only and
     status ``skipped`` (never ``certified``). ``reference=True`` runs the plain, slow intermediate pass.
     The model runs in eval mode (every module's mode restored afterwards).
@@ -261,7 +265,7 @@ def certify(
             wanted = ~skip_b & (clean[s : s + batch_size] if early_exit else torch.ones_like(skip_b))
             lb, unst, lin, fals, how = _certify_batch(
                 model, bm, xb, yb, float(eps), norm, method, K, wanted, early_exit=early_exit, intermediate=intermediate,
-                alpha_steps=alpha_steps, reference=reference,
+                alpha_steps=alpha_steps, reference=reference, region_stats=region_stats,
             )
             ex = lin.clone()
             if norm is Norm.L2:  # the dual-norm minimum is exact only when the ball lies inside [0,1]
@@ -315,10 +319,11 @@ def certify_radii(
 
     A sample certified at a radius is certified at every smaller one (the smaller ball lies inside
     the larger one, so the larger ball's margin lower bounds hold for it too): such samples are not
-    bounded again and keep the larger radius' ``margin_lb`` / ``unstable`` / ``linear_region``
-    (``decided_by = "larger-radius"``, ``exact`` False). The converse does not hold (a sample not
-    certified at a radius may be certified at a smaller one), so nothing else is skipped. Other
-    keyword arguments go to :func:`certify`.
+    certified again and keep the larger radius' ``margin_lb`` (``decided_by = "larger-radius"``,
+    ``exact`` False). Their ``unstable`` / ``linear_region`` are still those of their own radius
+    (intermediate bounds only; with ``region_stats=False`` they are inherited too). The converse does
+    not hold (a sample not certified at a radius may be certified at a smaller one), so nothing else
+    is skipped. Other keyword arguments go to :func:`certify`.
     """
     if not isinstance(radii, (list, tuple)) or not radii:
         raise UsageError("radii must be a non-empty list of numbers")
@@ -333,14 +338,23 @@ def certify_radii(
         r = float(radii[i])
         known = inherited.certified.clone() if inherited is not None else torch.zeros(n, dtype=torch.bool)
         t0 = time.perf_counter()
+        regions = kwargs.get("region_stats", True) and kwargs.get("method", "crown") != "ibp"
         if bool(known.all()):
             res = dataclasses.replace(inherited, eps=r, seconds=0.0, status=list(inherited.status),
-                                      decided_by=["larger-radius"] * n, exact=torch.zeros(n, dtype=torch.bool))
-            out[i] = res
-            continue
-        rest = (~known).nonzero().squeeze(1)
-        part = certify(model, x[rest], y[rest], r, skip=skip[rest], **kwargs)
-        res = _merge_inherited(part, rest, inherited, known, r, time.perf_counter() - t0)
+                                      decided_by=["larger-radius"] * n, exact=torch.zeros(n, dtype=torch.bool),
+                                      unstable=inherited.unstable.clone(), linear_region=inherited.linear_region.clone())
+        else:
+            rest = (~known).nonzero().squeeze(1)
+            part = certify(model, x[rest], y[rest], r, skip=skip[rest], **kwargs)
+            res = _merge_inherited(part, rest, inherited, known, r, time.perf_counter() - t0)
+        if regions and inherited is not None and bool(known.any()):
+            # certificates inherited, region statistics of this radius: the known rows get intermediate
+            # bounds only (skipped: no certification stages run for them)
+            k_idx = known.nonzero().squeeze(1)
+            own = certify(model, x[k_idx], y[k_idx], r, skip=torch.ones(k_idx.shape[0], dtype=torch.bool), **kwargs)
+            res.unstable[k_idx] = own.unstable.to(res.unstable.dtype)
+            res.linear_region[k_idx] = own.linear_region
+            res.seconds = time.perf_counter() - t0
         out[i] = res
         inherited = res
     return [out[i] for i in range(len(radii))]
@@ -387,12 +401,15 @@ def _check_skip(skip: torch.Tensor | None, n: int) -> torch.Tensor:
 def _certify_batch(
     model: nn.Module, bm: BoundedModel, x: torch.Tensor, y: torch.Tensor, eps: float, norm: Norm, method: str, K: int,
     wanted: torch.Tensor, *, early_exit: bool, intermediate: str, alpha_steps: int, reference: bool,
+    region_stats: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Margin lower bounds, unstable counts, linear-region flags, counterexample flags and the deciding
     bound of one batch.
 
     Samples outside ``wanted`` get IBP only. With ``early_exit``, samples are dropped from the
-    costlier stages as soon as a cheaper bound certifies them or a counterexample is found."""
+    costlier stages as soon as a cheaper bound certifies them or a counterexample is found. With
+    ``region_stats`` the unstable counts and linear-region flags of every sample come from the
+    method's intermediate bounds (CROWN for crown/alpha-crown) whatever stage decided it."""
     B = x.shape[0]
     C = margin_matrix(y, K)
     eps_t = _eps_tensor(eps, x)
@@ -449,26 +466,36 @@ def _certify_batch(
                 lb[idx[r]] = torch.maximum(lb[idx[r]], lb_a)
                 for i in idx[r].tolist():
                     how[i] = "alpha-crown"
-        nb_used = nb
+        stages = [(nb, idx)]
     else:
-        nb_used, idx = None, None
+        stages = []
+    full_rows = _mask(stages[0][1], B) if stages else torch.zeros(B, dtype=torch.bool, device=x.device)
+    if region_stats and method != "ibp" and intermediate == "crown":
+        # linear-region statistics with the method's own (CROWN) intermediate bounds for every sample the
+        # full-CROWN stage did not reach (decided early, misclassified or skipped), so the unstable counts
+        # and the linear-region fraction do not depend on how each sample was certified. A sample with no
+        # unstable piece under IBP has none under the tighter bounds either.
+        rest = (~full_rows & ((unst > 0) | ~pieces)).nonzero().squeeze(1)
+        if rest.numel():
+            nb_r = bm._intermediate(_Ctx(x[rest], eps_t[rest], norm, (box[0][rest], box[1][rest])), True,
+                                    reference=reference)
+            unst[rest] = _count_unstable(bm, nb_r, rest.shape[0])
+            pieces[rest] = _pieces_decided(bm, nb_r, rest.shape[0])
+            stages.append((nb_r, rest))
     lin = (unst == 0) & pieces
     if bool(lin.any()):
-        # the network is affine on these balls: exact minimum (intermediate bounds of the deciding stage)
-        for nbs, rows in ((nb_ibp, lin if idx is None else lin & ~_mask(idx, B)), (nb_used, None)):
-            if nbs is None:
+        # the network is affine on these balls: exact minimum, from the intermediate bounds that showed it
+        covered = torch.zeros(B, dtype=torch.bool, device=x.device)
+        for _, rows in stages:
+            covered[rows] = True
+        stages.append((nb_ibp, (~covered).nonzero().squeeze(1)))
+        for nbs, rows in stages:
+            sel = lin[rows]
+            if not bool(sel.any()):
                 continue
-            if rows is None:
-                sel = lin[idx]
-                if not bool(sel.any()):
-                    continue
-                r = idx[sel]
-                sub = {k: (v[0][sel], v[1][sel]) for k, v in nbs.items()}
-            else:
-                if not bool(rows.any()):
-                    continue
-                r = rows.nonzero().squeeze(1)
-                sub = {k: (v[0][r], v[1][r]) for k, v in nbs.items()}
+            r = rows[sel]
+            sub = {k: (v[0][sel], v[1][sel]) for k, v in nbs.items()} if nbs is not nb_ibp else \
+                {k: (v[0][r], v[1][r]) for k, v in nbs.items()}
             lb[r] = torch.maximum(lb[r], _affine_margin(bm, x[r], eps, norm, C[r], sub))
     return lb, unst, lin, falsified, how
 
