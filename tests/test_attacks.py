@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from robkd.attacks import (
     CLEAN_WRONG,
@@ -437,3 +438,18 @@ def test_eot_suffix_equals_the_eot_option(trained_cnn, batch):
             make_attack(bad, "Linf", 0.05)
     with pytest.raises(UsageError, match="twice"):
         make_attack("pgd-5-eot3", "Linf", 0.05, eot_iter=2)
+
+
+def test_class_count_probe_of_a_plain_module_runs_in_eval_mode():
+    """A model without metadata is probed for its class count in eval mode: a BatchNorm model left in
+    train mode keeps its running statistics, and a batch of one does not fail in BatchNorm1d."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net(torch.rand(32, 1, 4, 4))  # non-trivial running statistics
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    make_attack("pgd-3", "Linf", 0.1).run(net, x, y)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.training  # the caller's mode is restored

@@ -329,6 +329,25 @@ def test_unsupported_operators_collected_in_one_error():
     assert not any("MaxPool2d" in b for b in ei2.value.unsupported)  # IBP handles max pooling
 
 
+def test_constant_that_enlarges_the_tensor_is_reported_unsupported():
+    """x (B,1,H,W) * c (3,1,1) broadcasts to 3 channels: not an elementwise op of x, refused in one clear error."""
+
+    class Widen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", torch.tensor([1.0, -2.0, 0.5]).view(3, 1, 1))
+            self.fc = nn.Linear(3 * 4 * 4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(x * self.c).flatten(1))
+
+    m = RobustModel(Widen(), ModelMeta(input_shape=(1, 4, 4))).eval()
+    for method in ("ibp", "crown"):
+        with pytest.raises(UnsupportedModelError) as ei:
+            compute_bounds(m, torch.rand(2, 1, 4, 4), 0.05, method=method)
+        assert any("broadcasts" in b for b in ei.value.unsupported), ei.value.unsupported
+
+
 def test_maxpool_supported_by_ibp_soundly():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))

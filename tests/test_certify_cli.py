@@ -101,6 +101,14 @@ def test_certify_cli_smoothing_needs_explicit_l2_radii(mlp_file, tmp_path, capsy
     assert "L2 radii" in capsys.readouterr().err and not out.exists()
 
 
+def test_certify_cli_l2_needs_explicit_radii(mlp_file, tmp_path, capsys):
+    """The dataset's usual radius is an Linf radius: it is never used silently as an L2 one."""
+    out = tmp_path / "l2"
+    assert main(["certify", str(mlp_file), "--method", "crown", "--norm", "L2", "--data", "fashion-mnist-slice",
+                 "--n", "4", "--out", str(out)]) == 2
+    assert "--eps" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 def test_certify_cli_linear_region_radius(mlp_file, tmp_path, trained_mlp, fmnist_test, norm, capsys):
     import math

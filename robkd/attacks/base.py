@@ -69,13 +69,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:
-    """Number of classes from ``model.meta`` or, failing that, one forward pass on one sample."""
+    """Number of classes from ``model.meta`` or, failing that, one forward pass on one sample.
+
+    The probe runs in eval mode (:func:`attack_mode`), so it neither updates BatchNorm statistics
+    nor fails on a batch of one in train mode."""
     meta = getattr(model, "meta", None)
     k = getattr(meta, "num_classes", None)
     if isinstance(k, int) and k > 0:
         return k
-    with torch.no_grad():
-        out = model(x[:1])
+    with attack_mode(model), torch.no_grad():
+        out = model(x[:1].to(model_device(model)))
     if out.dim() != 2:
         raise UsageError(f"the model must return logits of shape (B, K), got {tuple(out.shape)}")
     return int(out.shape[1])

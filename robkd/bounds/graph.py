@@ -227,6 +227,8 @@ class BoundedModel:
         const = _const(b if a_t else a, consts)
         if const is None:
             raise _Unsupported(f"{kind} with a non-constant operand")
+        if tensors.get(first) != shape:
+            raise _Unsupported(f"{kind} with a constant that broadcasts the tensor to a larger shape")
         one, zero = torch.ones_like(const), torch.zeros_like(const)
         if kind == "add":
             return ops.ElementwiseAffine(name, first, shape, one, const)

@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if args.eps is None and args.method == "smoothing":
         raise UsageError("--method smoothing certifies L2 radii: give them with --eps (e.g. 0.25,0.5,1.0); "
                          "the dataset's usual radius is an Linf radius")
+    if args.eps is None and norm is not Norm.LINF:
+        raise UsageError(f"--norm {norm.value} needs radii: give them with --eps (the datasets' usual radii are Linf radii)")
     if args.eps is None:
         info = dataset_info(data_name)
         if info is None:
