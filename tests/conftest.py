@@ -5,8 +5,18 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("ROBKD_NO_PROGRESS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global RNG state, so a model a test builds without seeding
+    (its initial weights come from the global generator) is the same in every run and every order."""
+    import torch
+
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +62,7 @@ def trained_cnn(fmnist_train):
     """A non-robust ``robkd:cnn_small`` trained on the Fashion-MNIST slice (~75-80% clean)."""
     from robkd.models import build_model
 
+    torch.manual_seed(0)  # the initial weights too: the fixture is the same model in every run
     m = build_model("robkd:cnn_small", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,), dataset="fashion-mnist")
     return _train_plain(m, fmnist_train, epochs=4, seed=0)
 
@@ -61,6 +72,7 @@ def trained_mlp(fmnist_train):
     """A small non-robust ``robkd:mlp`` (784-64-32-10) trained on the slice."""
     from robkd.models import build_model
 
+    torch.manual_seed(1)
     m = build_model("robkd:mlp", input_shape=(1, 28, 28), num_classes=10, dataset="fashion-mnist", arch_kwargs={"hidden": [64, 32]})
     return _train_plain(m, fmnist_train, epochs=4, seed=1)
 
@@ -80,6 +92,8 @@ def st_pair_fmnist():
     from robkd.models import build_model
 
     train = load_dataset("fashion-mnist", "train")
+    torch.manual_seed(0)
     cnn = build_model("robkd:cnn_small", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,), dataset="fashion-mnist")
+    torch.manual_seed(1)
     mlp = build_model("robkd:mlp", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,), dataset="fashion-mnist", arch_kwargs={"hidden": [100]})
     return _train_plain(cnn, train, epochs=2, seed=0), _train_plain(mlp, train, epochs=2, seed=1)

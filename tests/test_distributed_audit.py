@@ -16,9 +16,9 @@ from robkd.cli.main import main
 from robkd.distributed.launch import free_port, strip_launcher_args, torchrun_command, torchrun_safe_args
 
 # n = 61 with batches of 16: the shards (31 + 30 samples) batch differently from the single process
-ARGS = ["--data", "fashion-mnist-slice", "-n", "61", "--eps", "0.02,0.05", "--attacks", "fgsm,pgd-3x2",
+ARGS = ["--data", "fashion-mnist-slice", "-n", "61", "--eps", "0.02,0.1", "--attacks", "fgsm,pgd-3x2",
         "--batch-size", "16", "--seed", "3", "--no-report", "--certify", "crown", "--llm", "--llm-steps", "3"]
-GATE = ["--gate", "student.worst@0.05 >= 0.99"]  # fails: the exit code must come back through the launcher
+GATE = ["--gate", "student.worst@0.1 >= 0.99"]  # fails: the exit code must come back through the launcher
 
 
 def _env() -> dict[str, str]:
@@ -96,8 +96,9 @@ def test_sharded_audit_equals_single_process(audits):
     assert sorted(ta) == sorted(tb)
     for k in ta:  # per-sample outcomes and adversarial examples, bit for bit
         assert torch.equal(ta[k].nan_to_num(-1.0), tb[k].nan_to_num(-1.0)), k
-    # pgd (random starts) broke samples that fgsm did not
-    assert bool((ta["student.broken_by"] == 1).any() | (ta["teacher.broken_by"] == 1).any())
+    # pgd (random starts) broke samples that fgsm did not (9 of them on this CPU; radius 0.1 keeps it well
+    # above one, so training's last-bit differences between CPUs cannot make the comparison vacuous)
+    assert int((ta["student.broken_by"] == 1).sum() + (ta["teacher.broken_by"] == 1).sum()) >= 3
     # each rank kept its own resume state
     state = audits["sharded"] / "state"
     assert json.loads((state / "layout.json").read_text()) == {"world_size": 2}
@@ -121,7 +122,7 @@ def test_resume_per_shard_and_world_size_mismatch(audits, capsys):
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     d = json.loads((work / "results.json").read_text())
-    assert sorted(d["resumed"]) == sorted(f"teacher:{a}@{r}" for a in ("fgsm", "pgd-3x2") for r in ("0.02", "0.05"))
+    assert sorted(d["resumed"]) == sorted(f"teacher:{a}@{r}" for a in ("fgsm", "pgd-3x2") for r in ("0.02", "0.1"))
     ref = json.loads((audits["single"] / "results.json").read_text())
     for role in ("teacher", "student"):
         assert d[role]["per_radius"] == ref[role]["per_radius"]
