@@ -13,9 +13,11 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+    """Yield a temporary path beside ``path``; fsync it and rename it over ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is untouched.
+    On any exception the temporary file is removed and ``path`` is untouched. Whoever writes the
+    temporary file (``torch.save``, safetensors, ...), its bytes reach the disk before the rename, so
+    the renamed file is complete after a crash of the machine too, not only of the process.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +26,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
         # mkstemp creates 0600 files; give the result the usual umask-based permissions
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
@@ -40,12 +44,9 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (fsync before rename)."""
+    """Write ``data`` to ``path`` atomically (fsync before rename, see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
