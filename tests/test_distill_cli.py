@@ -37,6 +37,16 @@ def teacher_file(tmp_path_factory):
     return out
 
 
+def test_fast_ard_provenance_records_epochs_and_passes(teacher_file, tmp_path):
+    """Fast-ARD divides the epochs by m: the checkpoint says both what was asked and what ran."""
+    out = tmp_path / "fard.safetensors"
+    args = [a if a != "1" else "3" for a in FAST]  # --epochs 3
+    assert main(["train", "--method", "fast-ard", "--teacher", str(teacher_file), "--arch", "robkd:cnn_small",
+                 "--replays", "2", "--out", str(out), *args]) == 0
+    prov = load_model(out).meta.provenance
+    assert prov["epochs"] == 3 and prov["passes"] == 2 and prov["hyperparameters"]["replays"] == 2
+
+
 def test_train_writes_loadable_self_describing_checkpoint(teacher_file):
     m = load_model(teacher_file)
     prov = m.meta.provenance

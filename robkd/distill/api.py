@@ -100,7 +100,8 @@ def _run(student, teacher, teacher_src, *, cfg: TrainConfig, full, tr, va, name,
         "train_samples": len(tr),
         "val_samples": len(va),
         "seed": rc.seed,
-        "epochs": rc.passes,
+        "epochs": rc.epochs,  # nominal epochs, as asked for
+        "passes": rc.passes,  # passes over the data actually made (Fast-ARD: ceil(epochs / replays))
         "selected_epoch": tlog.selected_epoch,
         "select": rc.select,
         "device": trainer.device.type,
