@@ -8,6 +8,7 @@ from torch import nn
 
 from robkd.analysis.sanity import (
     SanityFlag,
+    check_blackbox_subset,
     check_gradients,
     check_large_radius,
     check_monotone,
@@ -151,6 +152,25 @@ def test_blackbox_beating_whitebox_is_flagged_from_a_suite_result(trained_cnn, d
     res_plain = Suite(["pgd-20", "square"], "Linf", progress=False, attack_options={"square": {"n_queries": 150}}).run(
         trained_cnn, x[:24], y[:24], [0.15])
     assert check_result(res_plain) == []
+
+
+def test_blackbox_check_for_suites_with_autoattack(trained_cnn, data, monkeypatch):
+    """AutoAttack runs Square inside its own cascade, so its result cannot show Square beating the white-box
+    components: the check runs them itself on the subset (masked model flagged, plain model not)."""
+    x, y = data
+    masked = _Quantised(trained_cnn)
+    flags = check_blackbox_subset(masked, x[:24], y[:24], "Linf", 0.15, white=("apgd-ce",), n_queries=150, name="s")
+    assert _codes(flags) == {"blackbox-beats-whitebox"} and flags[0].model == "s" and flags[0].value > 0.002
+    assert check_blackbox_subset(trained_cnn, x[:24], y[:24], "Linf", 0.15, white=("apgd-ce",), n_queries=150) == []
+    # run_sanity_checks adds it exactly when the suite hides Square inside pyautoattack
+    import robkd.analysis.sanity as S
+
+    calls = []
+    monkeypatch.setattr(S, "check_blackbox_subset", lambda *a, **k: calls.append(k) or [])
+    for attacks, want in ((["pgd-20", "autoattack"], 1), (["pgd-20", "square"], 0), (["autoattack-rand"], 0)):
+        calls.clear()
+        run_sanity_checks(trained_cnn, x[:8], y[:8], norm="Linf", radii=[0.01, 0.03, 0.05], n=8, attacks=attacks)
+        assert len(calls) == want, attacks
 
 
 def test_flags_serialise_and_bad_calls_raise(trained_cnn, data):

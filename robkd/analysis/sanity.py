@@ -9,7 +9,8 @@ Cheap pre-checks (no attack): :func:`check_randomness`, :func:`check_probability
 Checks on a finished :class:`~robkd.attacks.SuiteResult`: :func:`check_result`
 (black-box beating white-box, robust accuracy rising with the radius).
 Checks running extra attacks on a small subset: :func:`check_large_radius`,
-:func:`check_more_steps`, :func:`check_radius_monotonicity`.
+:func:`check_more_steps`, :func:`check_radius_monotonicity`, and (for suites with AutoAttack, whose
+Square runs inside pyautoattack) :func:`check_blackbox_subset`.
 :func:`run_sanity_checks` runs whichever apply.
 """
 
@@ -28,6 +29,10 @@ from robkd.types import Norm, format_radius
 
 #: attacks that use no gradient
 BLACK_BOX = {"square"}
+#: suite specs that run Square inside pyautoattack's own cascade: their result cannot say which component
+#: broke a sample, so :func:`check_result` cannot compare Square with the white-box components and
+#: :func:`check_blackbox_subset` runs that comparison separately
+HIDDEN_BLACK_BOX = {"autoattack", "autoattack-plus"}
 
 
 @dataclasses.dataclass
@@ -176,6 +181,48 @@ def check_result(result: Any, *, name: str | None = None, square_tol: float = 0.
     return flags
 
 
+def check_blackbox_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "Norm | str", eps: float, *,
+                          white: Sequence[str] = ("apgd-ce", "apgd-t"), n_queries: int = 1000, tol: float = 0.002,
+                          name: str | None = None, seed: int = 0) -> list[SanityFlag]:
+    """Flag ``blackbox-beats-whitebox`` from attacks run here: Square on what the white-box attacks left.
+
+    The white-box attacks (default: AutoAttack's APGD-CE and APGD-T, as configured there) run in turn
+    on the clean-correct samples still unbroken; Square (gradient-free, ``n_queries`` queries) then
+    runs on the samples they all left robust. The flag fires when Square breaks more than ``tol`` of
+    the samples (AutoAttack's own threshold). Every adversarial example is re-checked by a forward
+    pass. Used for suites whose Square is hidden inside pyautoattack's cascade
+    (:data:`HIDDEN_BLACK_BOX`).
+    """
+    from robkd.attacks import make_attack, verify_adversarial
+
+    norm = Norm.parse(norm)
+    clean = _logits(model, x).argmax(1) == y.cpu()
+    robust = clean.clone()
+
+    def broken(spec: str, rows: torch.Tensor, **kw: Any) -> torch.Tensor:
+        r = rows.to(x.device)
+        out = make_attack(spec, norm, eps, seed=seed, **kw).run(model, x[r], y[r])
+        return (verify_adversarial(model, x[r], out.x_adv, y[r], norm, eps) & out.success).cpu()
+
+    for spec in white:
+        rows = robust.nonzero().flatten()
+        if rows.numel():
+            robust[rows[broken(spec, rows)]] = False
+    rows = robust.nonzero().flatten()
+    if not rows.numel():
+        return []
+    k = int(broken("square", rows, n_queries=n_queries).sum())
+    frac = k / max(1, x.shape[0])
+    if frac > tol:
+        return [SanityFlag(
+            "blackbox-beats-whitebox",
+            f"square ({n_queries} queries) broke {k} of {x.shape[0]} samples ({frac:.2%}) at radius {format_radius(eps)} "
+            f"that the white-box attacks ({', '.join(white)}) missed",
+            "gradient masking: the gradients mislead the white-box attacks; the robust accuracy is "
+            "overestimated, use stronger / adaptive attacks", name, frac)]
+    return []
+
+
 def _robust_accuracy(model, x, y, spec, norm, eps, seed) -> float:
     from robkd.attacks import make_attack, verify_adversarial
 
@@ -246,14 +293,16 @@ def run_sanity_checks(
     extra: bool = True,
     n: int = 64,
     seed: int = 0,
+    attacks: Sequence[str] | None = None,
 ) -> list[SanityFlag]:
     """Run every applicable check; returns the flags (empty list: nothing suspicious).
 
     With ``model, x, y``: the pre-checks; with ``result`` (a SuiteResult): the
     result checks; with ``extra=True`` and a model: the checks that run extra
     attacks on ``n`` clean-correct samples (large radius, 10x more PGD steps at
-    the middle radius, per-radius monotonicity). ``norm``/``radii`` default to
-    the result's.
+    the middle radius, per-radius monotonicity; and, when the suite's ``attacks``
+    include ``autoattack``/``autoattack-plus``, Square against APGD-CE/APGD-T at
+    the middle radius). ``norm``/``radii`` default to the result's.
     """
     if model is None and result is None:
         raise UsageError("run_sanity_checks needs a model (with x, y) or a suite result")
@@ -282,4 +331,7 @@ def run_sanity_checks(
                 flags += check_more_steps(model, xs, ys, norm, positive[len(positive) // 2], name=name, seed=seed)
                 if len(positive) > 1:
                     flags += check_radius_monotonicity(model, xs, ys, norm, positive, name=name, seed=seed)
+                if any(str(a).strip().lower() in HIDDEN_BLACK_BOX for a in (attacks or [])):
+                    flags += check_blackbox_subset(model, xs, ys, norm, positive[len(positive) // 2], name=name,
+                                                   seed=seed)
     return flags

@@ -875,7 +875,8 @@ def _sanity(plan: _Plan, sres: dict[str, Any], blocks: dict[str, Any]) -> list[d
     for role in ROLES:
         for f in run_sanity_checks(plan.models[role], plan.x, plan.y, result=sres[role], radii=plan.radii, norm=plan.norm,
                                    name=role, seed=plan.cfg.seed, extra=plan.cfg.sanity_n > 0,
-                                   n=plan.cfg.sanity_n or 64):  # --sanity-n 0: the cheap checks keep 64 samples
+                                   n=plan.cfg.sanity_n or 64,  # --sanity-n 0: the cheap checks keep 64 samples
+                                   attacks=plan.cfg.attacks):
             d = f.to_dict()
             d.setdefault("model", role)
             if d.get("model") is None:
