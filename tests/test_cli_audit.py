@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from robkd.cli.main import main
+from robkd.errors import UsageError
 
 COMMON = ["--data", "fashion-mnist-slice", "--n", "64", "--eps", "0.02,0.05", "--attacks", "fgsm,pgd-3", "--batch-size", "64"]
 
@@ -298,3 +299,34 @@ def test_attack_names_are_case_insensitive(pair, tmp_path):
     assert main(["audit", *pair, *args, "--out", str(out), "--no-report", "--gate", "student.fgsm@0.05 >= 0"]) == 0
     data = json.loads((out / "results.json").read_text())
     assert data["attacks"] == ["fgsm", "pgd-3"] and data["gates_passed"]
+
+
+def test_audit_of_batchnorm_models(pair, tmp_path):
+    """BatchNorm's 0-dim num_batches_tracked buffer is hashed like any other weight (it crashed the audit)."""
+    from robkd.models import build_model, save_model
+
+    bn = build_model("robkd:cnn_medium", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,),
+                     dataset="fashion-mnist")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules())
+    p = save_model(bn, tmp_path / "bn.safetensors")
+    out = tmp_path / "o"
+    assert main(["audit", pair[0], str(p), *COMMON, "--no-report", "--sanity-n", "0", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["student"]["model"]["meta"]["arch"] == "robkd:cnn_medium"
+
+
+def test_shared_normalisation_flags_fill_in_and_never_override(pair, tmp_path, capsys):
+    """--mean/--std apply to both models: they fill in a state_dict's normalisation and leave a checkpoint's
+    own alone (they used to re-normalise it silently); load_model refuses a flag contradicting its file."""
+    from robkd.models import load_model
+
+    sd = _state_dict_file(pair, tmp_path)
+    out = tmp_path / "o"
+    assert main(["audit", str(sd), pair[1], *COMMON, "--no-report", "--sanity-n", "0", "--teacher-arch",
+                 "robkd:cnn_small", "--mean", "0.5", "--std", "0.25", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    own = load_model(pair[1]).meta
+    assert res["teacher"]["model"]["meta"]["mean"] == [0.5] and res["teacher"]["model"]["meta"]["std"] == [0.25]
+    assert res["student"]["model"]["meta"]["mean"] == (list(own.mean) if own.mean is not None else None)
+    with pytest.raises(UsageError, match="the flags say 0.5"):
+        load_model(pair[0], mean=(0.5,), std=(0.353,))
+    assert load_model(pair[0], mean=(0.286,), std=(0.353,)).meta.mean == pytest.approx((0.286,))  # agreeing is fine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 import textwrap
 import warnings
 
@@ -21,6 +22,8 @@ from robkd.models import (
     load_model,
     save_model,
 )
+
+from robkd.types import ModelMeta
 
 SHAPE = (1, 28, 28)
 
@@ -283,3 +286,54 @@ def test_dataset_completes_a_state_dict_but_never_overrides_a_checkpoint(small, 
     cifar = build_model("robkd:cnn_small", input_shape=(3, 32, 32), num_classes=10)
     ck = load_model(save_model(cifar, tmp_path / "c.safetensors"), dataset="fashion-mnist")
     assert ck.meta.input_shape == (3, 32, 32)
+
+
+class _RunsCode:
+    """Unpickling this object runs code (writes a marker file): a stand-in for a malicious payload."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_export_program_with_pickled_payload_is_refused_without_opt_in(small, tmp_path):
+    """torch.export.load unpickles sample inputs with weights_only=False: robkd forces the safe loader, so a
+    crafted .pt2 cannot run code unless the user passes --allow-pickle."""
+    import io
+    import zipfile
+
+    good = tmp_path / "prog.pt2"
+    ep = torch.export.export(small.net, (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(ep, str(good))
+    marker = tmp_path / "ran"
+    payload = io.BytesIO()
+    torch.save((_RunsCode(marker),), payload)
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w", zipfile.ZIP_STORED) as dst:
+        names = [i.filename for i in src.infolist()]
+        assert any("sample_inputs" in n for n in names), names
+        for info in src.infolist():
+            dst.writestr(info, payload.getvalue() if "sample_inputs" in info.filename else src.read(info.filename))
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_model(evil, mean=(0.3,), std=(0.4,))
+    assert not marker.exists()
+    assert torch.allclose(load_model(good, mean=(0.3,), std=(0.4,))(_x()), small(_x()), atol=1e-6)  # plain ones load
+
+
+def test_checkpoint_naming_user_code_needs_confirmation(small, tmp_path, monkeypatch):
+    """A robkd checkpoint's architecture 'module:Factory' imports and calls code: not on the file's word alone."""
+    (tmp_path / "robkd_user_arch_mod.py").write_text(
+        "from robkd.models import create_model\n"
+        "def make(num_classes, in_chans, img_size):\n"
+        "    return create_model('robkd:cnn_small', num_classes=num_classes, in_chans=in_chans, img_size=img_size)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = create_model("robkd_user_arch_mod:make", num_classes=10, in_chans=1, img_size=28)
+    m = RobustModel(net, ModelMeta(arch="robkd_user_arch_mod:make", input_shape=SHAPE, num_classes=10,
+                                   mean=(0.3,), std=(0.4,)))
+    p = save_model(m, tmp_path / "user.safetensors")
+    with pytest.raises(UsageError, match="--arch robkd_user_arch_mod:make"):
+        load_model(p)
+    for kw in ({"arch": "robkd_user_arch_mod:make"}, {"allow_pickle": True}):
+        assert torch.allclose(load_model(p, **kw)(_x()), m(_x()), atol=1e-6)

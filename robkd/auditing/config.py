@@ -135,9 +135,13 @@ class AuditConfig:
                 setattr(self, name, _text(val, name))
         return self
 
-    def model_kwargs(self, role: str) -> dict[str, Any]:
-        """Keyword arguments for :func:`robkd.models.load_model` for ``role`` (teacher/student)."""
-        return dict(
+    def model_kwargs(self, role: str, path: str | Path | None = None) -> dict[str, Any]:
+        """Keyword arguments for :func:`robkd.models.load_model` for ``role`` (teacher/student).
+
+        ``--mean/--std/--num-classes/--input-shape`` are shared by both models: they fill in what a
+        model file does not carry. With ``path``, the values a robkd checkpoint carries itself are left
+        to the checkpoint (load_model refuses a flag that contradicts its file)."""
+        kw: dict[str, Any] = dict(
             arch=getattr(self, f"{role}_arch") or self.arch,
             mean=tuple(self.mean) if self.mean is not None else None,
             std=tuple(self.std) if self.std is not None else None,
@@ -145,6 +149,14 @@ class AuditConfig:
             input_shape=tuple(self.input_shape) if self.input_shape is not None else None,
             allow_pickle=self.allow_pickle,
         )
+        if path is not None:
+            from robkd.models.io import checkpoint_meta
+
+            own = checkpoint_meta(path)
+            for name in ("mean", "std", "num_classes", "input_shape"):
+                if own is not None and getattr(own, name) is not None:
+                    kw[name] = None
+        return kw
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict of every field."""

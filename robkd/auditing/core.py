@@ -441,7 +441,7 @@ def _resolve_model(cfg: AuditConfig, role: str, given: nn.Module | None, data: A
         path = getattr(cfg, role)
         if path is None:
             raise UsageError(f"no {role} model given")
-        model = load_model(path, dataset=data, **cfg.model_kwargs(role))
+        model = load_model(path, dataset=data, **cfg.model_kwargs(role, path))
         info["loaded_by_audit"] = True
         info["path"] = str(path)
         info["file_sha256"] = sha256_file(path)
@@ -458,7 +458,8 @@ def weights_sha256(model: nn.Module) -> str:
             continue
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

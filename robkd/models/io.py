@@ -13,6 +13,7 @@ Formats are detected from the file's bytes, never from its extension:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -108,7 +109,10 @@ def load_model(
 
     ``arch`` (``robkd:<name>``, ``timm:<name>`` or ``module.path:Factory``) is
     needed for plain state_dicts; ``mean``/``std``/``num_classes``/``input_shape``
-    override or complete the metadata. ``dataset`` (a registered name such as
+    complete the metadata (a value contradicting what the file itself carries is an error).
+    A robkd checkpoint whose architecture is user code (``module.path:Factory``) is built
+    only when ``arch`` names that same architecture or ``allow_pickle`` is set; a
+    ``torch.export`` program holding pickled objects beyond tensors needs ``allow_pickle``. ``dataset`` (a registered name such as
     ``"cifar10"``, or loaded :class:`~robkd.data.ImageData`) tells a plain state_dict's
     architecture the input shape and number of classes when neither the file nor the
     flags give them; it never overrides a checkpoint's own metadata, and never
@@ -161,12 +165,30 @@ def _data_hints(dataset: Any) -> tuple[tuple[int, int, int] | None, int | None]:
 
 
 def _apply_overrides(meta: ModelMeta, flags: ModelMeta) -> None:
+    """Fill in metadata the file does not carry from the flags; a flag that contradicts the file's own
+    value is an error (in an audit the flags apply to both models, so an override would silently
+    re-normalise a checkpoint that knows its own normalisation)."""
     for name in ("num_classes", "input_shape", "mean", "std"):
         value = getattr(flags, name)
-        if value is not None:
-            setattr(meta, name, value)
+        if value is None:
+            continue
+        own = getattr(meta, name)
+        if own is not None and not _same(own, value):
+            raise UsageError(f"the model file says {name} = {_show(own)}, the flags say {_show(value)}: drop the flag "
+                             f"for this model (its file already carries the value)")
+        setattr(meta, name, value)
     if meta.mean is not None and meta.std is not None and len(meta.mean) != len(meta.std):
         raise UsageError(f"mean has {len(meta.mean)} values but std has {len(meta.std)}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(abs(float(u) - float(v)) <= 1e-6 * max(1.0, abs(float(u))) for u, v in zip(a, b))
+    return a == b
+
+
+def _show(v: Any) -> str:
+    return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, (tuple, list)) else str(v)
 
 
 def infer_num_classes(model: nn.Module, input_shape: Sequence[int]) -> int:
@@ -187,6 +209,11 @@ def _first_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _is_user_arch(arch: str | None) -> bool:
+    """Whether ``arch`` names user code (``module.path:Factory``) rather than robkd's or timm's registry."""
+    return bool(arch) and str(arch).split(":", 1)[0] not in ("robkd", "timm")
+
+
 def _build_arch(meta: ModelMeta) -> nn.Module:
     if not meta.arch:
         raise ModelLoadError(
@@ -195,8 +222,14 @@ def _build_arch(meta: ModelMeta) -> nn.Module:
         )
     if meta.input_shape is None:
         raise ModelLoadError(f"architecture {meta.arch} needs the input shape: pass --input-shape C,H,W or a dataset")
+    if len(meta.input_shape) != 3 or not isinstance(meta.arch_kwargs, Mapping):
+        raise ModelLoadError(f"bad architecture metadata: input shape {list(meta.input_shape)} (want C,H,W), "
+                             f"arch_kwargs {meta.arch_kwargs!r} (want a mapping)")
     c, h, _ = meta.input_shape
-    return create_model(meta.arch, num_classes=meta.num_classes or 10, in_chans=c, img_size=h, **meta.arch_kwargs)
+    try:
+        return create_model(meta.arch, num_classes=meta.num_classes or 10, in_chans=c, img_size=h, **meta.arch_kwargs)
+    except (TypeError, ValueError) as exc:  # arch_kwargs the factory does not take
+        raise ModelLoadError(f"cannot build {meta.arch} with arguments {dict(meta.arch_kwargs)!r}: {exc}") from exc
 
 
 def build_model(
@@ -268,9 +301,7 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _load_robkd(p: Path, flags: ModelMeta, allow_pickle: bool):
-    from safetensors.torch import load_file
-
+def _robkd_meta(p: Path) -> ModelMeta:
     raw = _read_safetensors_metadata(p)
     try:
         info = json.loads(raw["robkd"])
@@ -279,8 +310,26 @@ def _load_robkd(p: Path, flags: ModelMeta, allow_pickle: bool):
         raise ModelLoadError(f"corrupt robkd metadata in {p}: {exc}") from exc
     if str(info.get("format_version")) != ROBKD_FORMAT_VERSION:
         raise ModelLoadError(f"{p} is robkd checkpoint format {info.get('format_version')}, this robkd reads {ROBKD_FORMAT_VERSION}")
+    return meta
+
+
+def checkpoint_meta(path: str | Path) -> ModelMeta | None:
+    """The metadata a robkd checkpoint carries (architecture, shape, classes, normalisation...), read
+    without building the model; ``None`` for files of other formats."""
+    p = Path(path)
+    return _robkd_meta(p) if detect_format(p) == "robkd" else None
+
+
+def _load_robkd(p: Path, flags: ModelMeta, allow_pickle: bool):
+    from safetensors.torch import load_file
+
+    meta = _robkd_meta(p)
     if flags.arch and flags.arch != meta.arch:
         raise UsageError(f"{p} is a robkd checkpoint of {meta.arch}; --arch {flags.arch} contradicts it (drop --arch)")
+    if _is_user_arch(meta.arch) and flags.arch != meta.arch and not allow_pickle:
+        # the file names code to import and call: never run it on the file's word alone
+        raise UsageError(f"{p} names the architecture {meta.arch!r}, which imports and calls code outside robkd and "
+                         f"timm; if you trust that code, confirm it with --arch {meta.arch} (or --allow-pickle)")
     net = _build_arch(meta)
     try:
         state = load_file(str(p))
@@ -314,12 +363,37 @@ def _load_torchscript(p: Path, flags: ModelMeta, allow_pickle: bool):
     return net, ModelMeta(arch="torchscript")
 
 
-def _load_export(p: Path, flags: ModelMeta, allow_pickle: bool):
+@contextlib.contextmanager
+def _weights_only_torch_load():
+    """Force ``weights_only=True`` on every ``torch.load`` made inside (``torch.export.load`` unpickles a
+    program's sample inputs, and pickled weights or constants, with ``weights_only=False``: a crafted
+    ``.pt2`` would otherwise run code). Not thread-safe: it swaps ``torch.load`` for the duration."""
+    real = torch.load
+
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = safe_load
     try:
-        program = torch.export.load(str(p))
+        yield
+    finally:
+        torch.load = real
+
+
+def _load_export(p: Path, flags: ModelMeta, allow_pickle: bool):
+    guard = contextlib.nullcontext() if allow_pickle else _weights_only_torch_load()
+    try:
+        with guard:
+            program = torch.export.load(str(p))
+            net = program.module()
     except Exception as exc:
+        text = str(exc).lower()
+        if not allow_pickle and ("weights_only" in text or "unpickl" in text):
+            raise ModelLoadError(f"{p} holds pickled Python objects beyond tensors (sample inputs, weights or "
+                                 f"constants); unpickling runs code from the file: pass --allow-pickle only if you "
+                                 f"trust it") from exc
         raise ModelLoadError(f"corrupt torch.export program {p}: {exc}") from exc
-    net = program.module()
     meta = ModelMeta(arch="torch.export")
     try:
         arg = program.example_inputs[0][0] if program.example_inputs else None
