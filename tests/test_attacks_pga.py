@@ -128,3 +128,20 @@ def test_input_outside_unit_box_and_bad_loss_shape_raise():
         projected_gradient_ascent(lambda z: z.sum(1), torch.rand(2, 4) * 3, norm=Norm.LINF, eps=0.1, steps=1, step_size=0.01)
     with pytest.raises(UsageError):
         projected_gradient_ascent(lambda z: z.sum(), torch.rand(2, 4), norm=Norm.LINF, eps=0.1, steps=1, step_size=0.01)
+
+
+@pytest.mark.parametrize("norm,start", [(Norm.LINF, "uniform"), (Norm.L2, "uniform"), (Norm.LINF, "normal:0.001")])
+def test_batch_slices_draw_the_rows_of_the_whole_batch(norm, start):
+    """Under DDP each rank draws the global batch's random starts and keeps its rows: the parts put together
+    equal one process's starts, and the two ranks' starts differ."""
+    from robkd.attacks._geometry import BatchSlice, random_start_point
+
+    x = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(1))
+    eps = torch.full((6, 1, 1, 1), 0.1)
+    whole = random_start_point(x, norm, eps, start, torch.Generator().manual_seed(7))
+    parts = [random_start_point(x[a:b], norm, eps[a:b], start, BatchSlice(torch.Generator().manual_seed(7), a, b, 6))
+             for a, b in ((0, 3), (3, 6))]
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(parts[0] - x[:3], parts[1] - x[3:])
+    with pytest.raises(UsageError):
+        random_start_point(x[:2], norm, eps[:2], start, BatchSlice(torch.Generator(), 0, 3, 6))

@@ -38,6 +38,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         all_ranks(lambda: (_ for _ in ()).throw(DataError("rank-1 state")) if ctx.rank == 1 else 5, ctx)
     except RobkdError as exc:
         res["all_ranks_error"] = [type(exc).__name__, str(exc)]
+    # BatchNorm running statistics that drifted apart per rank: averaged (floats), rank 0's (counters)
+    from robkd.distributed.ddp import average_buffers
+
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.fill_(float(ctx.rank + 1))
+    bn.running_var.fill_(float(2 * ctx.rank + 1))
+    bn.num_batches_tracked.fill_(7 + ctx.rank)
+    average_buffers(bn, ctx)
+    res["bn"] = [bn.running_mean.tolist(), bn.running_var.tolist(), int(bn.num_batches_tracked)]
     barrier(ctx)
     shutdown()
     with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
@@ -58,6 +67,7 @@ def test_collectives_with_two_gloo_processes(tmp_path):
     assert r0["on_main"] == r1["on_main"] == "computed by 0"
     assert r0["on_main_error"] == r1["on_main_error"] == ["DataError", "bad data on rank 0"]
     assert r0["all_ranks_error"] == r1["all_ranks_error"] == ["DataError", "rank 1: rank-1 state"]
+    assert r0["bn"] == r1["bn"] == [[1.5] * 3, [2.0] * 3, 7]
 
 
 def test_single_process_context(monkeypatch):

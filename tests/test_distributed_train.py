@@ -151,3 +151,17 @@ def test_torchrun_repair_cli_trains_and_audits(teacher_path, tmp_path):
     assert res["distributed"]["world_size"] == 2 and res["data"]["n"] == 40
     assert (tmp_path / "student.safetensors.audit" / "training_log.json").is_file()
     assert proc.stderr.count("saved ") <= 1  # rank 1 logs warnings only
+
+
+def test_ddp_adversarial_distillation_matches_single_process(teacher_path, tmp_path):
+    """ARD (PGD on the student) under DDP: each rank attacks its rows from the random starts one process draws for them (the
+    global batch's noise, sliced), so 2 processes train like one and the ranks' starts differ."""
+    torch.set_num_threads(1)
+    cfg = {**CFG, "method": "ard", "eps": 0.1, "steps": 2, "step_size": 0.05, "temperature": 2.0}
+    out = tmp_path / "ddp_ard"
+    out.mkdir()
+    _spawn(teacher_path, out, cfg)
+    w0 = torch.load(out / "weights0.pt", weights_only=True)
+    single, _ = _train(str(teacher_path), cfg)
+    assert not _close(single.state_dict(), _student().state_dict())
+    assert _close(w0, single.state_dict())

@@ -78,17 +78,34 @@ def ascent_direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     return grad / n.clamp_min(_TINY)
 
 
+class BatchSlice:
+    """Rows ``start:stop`` of the noise one generator draws for a whole batch of ``total`` rows.
+
+    Under DistributedDataParallel each rank attacks its own part of a global batch; drawing the global
+    batch's noise on every rank (the generators stay in lockstep) and keeping its own rows gives every
+    sample the random start it gets in one process, and different starts on different ranks."""
+
+    def __init__(self, generator: torch.Generator, start: int, stop: int, total: int) -> None:
+        if not 0 <= start < stop <= total:
+            raise UsageError(f"bad batch slice {start}:{stop} of {total}")
+        self.generator, self.start, self.stop, self.total = generator, start, stop, total
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
 def random_start_point(
     x: torch.Tensor,
     norm: Norm,
     eps: torch.Tensor,
     random_start: "str | None",
-    generator: "torch.Generator | SampleNoise | None",
+    generator: "torch.Generator | SampleNoise | BatchSlice | None",
 ) -> torch.Tensor:
     """A random starting point in the ball ∩ [0,1] (see :func:`projected_gradient_ascent`).
 
     ``generator`` may be a :class:`~robkd.attacks.noise.SampleNoise` with one row per
-    sample: each sample's start then depends on its own id only, not on the batch.
+    sample: each sample's start then depends on its own id only, not on the batch; or a
+    :class:`BatchSlice`: the rows of a larger batch's noise.
     """
     if random_start is None or random_start == "none":
         return x.clone()
@@ -100,6 +117,15 @@ def random_start_point(
         def _draw(fn, shape):
             draw = noise.rand if fn is torch.rand else noise.randn
             return draw(shape, dtype=x.dtype, device=noise.device).to(x.device)
+    elif isinstance(generator, BatchSlice):
+        if len(generator) != x.shape[0]:
+            raise UsageError(f"the batch slice has {len(generator)} rows for a batch of {x.shape[0]}")
+        part = generator
+
+        def _draw(fn, shape):
+            full = fn((part.total,) + tuple(shape[1:]), generator=part.generator, device=part.generator.device,
+                      dtype=x.dtype)
+            return full[part.start : part.stop].to(x.device)
     else:
         gen_device = generator.device if generator is not None else x.device
 

@@ -29,6 +29,9 @@ class StepContext:
     config: "object"
     attack_gen: torch.Generator
     teacher_cache: "TeacherCache | None" = None
+    #: under DDP, ``(start, stop, total)``: this rank's rows of the global batch (random starts are drawn for
+    #: the global batch and sliced, so ranks differ and every sample starts as in one process)
+    batch_part: "tuple[int, int, int] | None" = None
 
     @property
     def attack_model(self) -> torch.nn.Module:
@@ -40,15 +43,17 @@ class StepContext:
 
     # ----------------------------------------------------------------- attacks
     def _attack(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, random_start: str) -> torch.Tensor:
+        from robkd.attacks._geometry import BatchSlice
         from robkd.attacks.pgd import projected_gradient_ascent
 
         c = self.config
         was = self.student.training
         self.student.train(bool(c.attack_train_mode))
+        gen = BatchSlice(self.attack_gen, *self.batch_part) if self.batch_part is not None else self.attack_gen
         try:
             return projected_gradient_ascent(
                 loss_fn, x, norm=c.norm, eps=c.eps, steps=c.steps, step_size=c.step_size,
-                random_start=random_start, generator=self.attack_gen,
+                random_start=random_start, generator=gen,
             )
         finally:
             self.student.train(was)

@@ -452,6 +452,7 @@ class Trainer:
                         weight, scale = b - a, D.loss_scale(b - a, len(idx), dctx)
                         if b == a:  # a short last batch left nothing here: one sample with zero weight keeps DDP in step
                             a, b = 0, 1
+                        ctx.batch_part = (a, b, len(idx))
                         x, y, idx = x[a:b], y[a:b], idx[a:b]
                     x, y = x.to(dev), y.to(dev)
                     cidx = idx if cache is not None else None
@@ -488,6 +489,7 @@ class Trainer:
                 if task is not None:
                     prog.remove_task(task)
                 # ---- end of pass: schedule, validation, selection, log, checkpoint
+                D.average_buffers(self.student, dctx)  # BatchNorm statistics: one model on every rank
                 lr_used = opt.param_groups[0]["lr"]
                 sched.step()
                 sums = D.sum_across_ranks(sums, dctx)  # global averages over every rank's samples

@@ -88,5 +88,26 @@ def sum_across_ranks(values: dict[str, float], ctx: DistContext | None = None) -
     return {k: float(v) for k, v in zip(keys, t.cpu().tolist())}
 
 
+def average_buffers(model: torch.nn.Module, ctx: DistContext | None = None) -> None:
+    """Make every rank's buffers equal: floating ones (BatchNorm running mean/var) become their mean over
+    the ranks, the others (``num_batches_tracked``) rank 0's. Called at the end of every training pass,
+    before validation and the checkpoint, so that all ranks validate, select and save the same model
+    (each rank's running statistics saw only its own part of every batch)."""
+    ctx = ctx or current()
+    if not ctx.distributed:
+        return
+    import torch.distributed as dist
+
+    dev = _collective_device(ctx)
+    for buf in unwrap(model).buffers():
+        t = buf.detach().to(dev)
+        if torch.is_floating_point(t):
+            dist.all_reduce(t)
+            t /= ctx.world_size
+        else:
+            dist.broadcast(t, src=0)
+        buf.data.copy_(t.to(buf.device))
+
+
 def _collective_device(ctx: DistContext) -> Any:
     return ctx.device if ctx.backend == "nccl" else torch.device("cpu")
