@@ -157,3 +157,33 @@ def test_torchrun_command_line():
     assert parsed.training_script_args == torchrun_safe_args(stripped)
     with pytest.raises(SystemExit):  # why --n must be rewritten
         get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "robkd", "audit", "--n", "5"])
+
+
+@pytest.mark.parametrize("failing_rank", [1, 0])
+def test_an_error_on_one_rank_ends_the_launch_at_once_with_its_exit_code(model_files, tmp_path, failing_rank):
+    """A bad-input error on a single rank (injected here through sitecustomize) must not leave the job
+    waiting for the collective timeout: that rank prints its error and exits, torchrun stops the other,
+    and `--launcher torchrun` returns the error's exit code (2), not "gate failed"."""
+    import time
+
+    t, s = (str(p) for p in model_files)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        f"if os.environ.get('RANK') == '{failing_rank}':\n"
+        "    import robkd.auditing.core as core\n"
+        "    from robkd.errors import UsageError\n"
+        "    def _boom(*a, **k):\n"
+        "        raise UsageError('injected failure on this rank')\n"
+        "    core._run_suite = _boom\n")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hook)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["ROBKD_DIST_TIMEOUT_S"] = "120"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "robkd", "audit", t, s, *ARGS, "--out", str(tmp_path / "o"),
+                           "--launcher", "torchrun", "--nproc-per-node", "2"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "injected failure on this rank" in proc.stderr
+    assert time.monotonic() - start < 100  # well before the collective timeout

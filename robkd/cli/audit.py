@@ -121,19 +121,19 @@ def run(args: argparse.Namespace) -> int:
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             raise UsageError("--launcher torchrun given inside a torchrun worker: drop --launcher when calling torchrun yourself")
         return _relaunch(args, nproc)
-    from robkd.distributed.launch import EXIT_FILE_ENV, report_exit
+    from robkd.distributed.launch import EXIT_FILE_ENV, report_exit, report_failure
 
     if EXIT_FILE_ENV not in os.environ:
         return _run(args)
-    # a worker started by --launcher torchrun: report the exit code through the file, exit 0
-
+    # a worker started by --launcher torchrun: rank 0 reports the exit code through the file and every
+    # rank exits 0; a rank that fails records its code and re-raises, so it exits at once (printing its
+    # error) instead of waiting for peers that wait for it, and torchrun stops the others
     rank = int(os.environ.get("RANK", "0") or 0)
     try:
         code = _run(args)
     except RobkdError as exc:
-        if rank == 0:
-            sys.stderr.write(f"robkd audit: error: {exc}\n")
-        code = exc.exit_code
+        report_failure(exc.exit_code)
+        raise
     return report_exit(code, rank=rank)
 
 

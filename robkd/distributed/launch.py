@@ -97,12 +97,22 @@ def relaunch(argv: Sequence[str], nproc: int, *, env: dict[str, str] | None = No
         child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         log.info("launching %d processes: %s", nproc, " ".join(cmd))
         rc = subprocess.call(cmd, env=child_env)
-        if rc == 0 and exit_file.is_file():
+        if exit_file.is_file():  # rank 0's code on success, a failing rank's (e.g. 2, bad input) otherwise
             try:
                 return int(exit_file.read_text(encoding="utf-8").strip() or 0)
             except ValueError:
                 return 1
         return rc
+
+
+def report_failure(code: int) -> None:
+    """Under :func:`relaunch`, record the exit code of a rank that failed (any rank): the rank then exits
+    non-zero at once (no waiting for its peers, which torchrun stops) and the launcher returns ``code``."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path:
+        from robkd.utils.io import atomic_write_text
+
+        atomic_write_text(path, f"{int(code)}\n")
 
 
 def report_exit(code: int, *, rank: int) -> int:
