@@ -55,6 +55,26 @@ def test_idx_corrupt(tmp_path):
         load_dataset("mnist", "test", data_dir=tmp_path)
 
 
+def test_damaged_files_are_one_clear_error(tmp_path):
+    """A corrupt .gz IDX file, a truncated .npz and a CIFAR batch that is not a dict are DataErrors, not
+    zlib/zip/attribute tracebacks."""
+    good = gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 3) + b"\x01\x02\x03")
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(good[:12] + b"\xff" * 8 + good[20:])
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(3, np.uint8), True)
+    with pytest.raises(DataError, match="cannot read IDX"):
+        load_dataset("mnist", "test", data_dir=tmp_path)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=np.zeros((4, 1, 8, 8), np.uint8), y=np.zeros(4, np.int64))
+    npz.write_bytes(npz.read_bytes()[:-40])
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(str(npz), "test")
+    cifar = tmp_path / "c" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    (cifar / "test_batch").write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(DataError, match="not a CIFAR batch"):
+        load_dataset("cifar10", "test", data_dir=tmp_path / "c")
+
+
 def test_mnist_missing_names_fix(tmp_path):
     with pytest.raises(DataError, match="--data-dir"):
         load_dataset("mnist", "test", data_dir=tmp_path)

@@ -6,6 +6,8 @@ import gzip
 import logging
 import pickle
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +28,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         with opener(p, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # a corrupt .gz raises zlib.error
         raise DataError(f"cannot read IDX file {p}: {exc}") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{p} is not an IDX file (bad magic number)")
@@ -55,9 +57,12 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
             # CIFAR's python batches are plain dicts of numpy arrays and lists; restrict globals
-            return _RestrictedUnpickler(fh, encoding="latin1").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            obj = _RestrictedUnpickler(fh, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, IndexError, TypeError) as exc:
         raise DataError(f"cannot read CIFAR batch {path}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} is not a CIFAR batch: it holds a {type(obj).__name__}, not a dict")
+    return obj
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -188,7 +193,7 @@ def read_arrays(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
                 if "x" not in z or "y" not in z:
                     raise DataError(f"{path}: an .npz dataset needs arrays 'x' and 'y', found {list(z.keys())}")
                 x, y = torch.from_numpy(z["x"].copy()), torch.from_numpy(z["y"].astype(np.int64))
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, zipfile.BadZipFile, zlib.error, EOFError) as exc:  # truncated archives
             raise DataError(f"cannot read {path}: {exc}") from exc
     else:
         try:
