@@ -51,6 +51,21 @@ def test_cli_report_rerenders(tmp_path: Path, capsys, main) -> None:  # noqa: AN
     assert (tmp_path / "report.html").is_file() and not (tmp_path / "report.md").exists()
 
 
+def test_cli_report_in_place_leaves_a_repair_results_file_untouched(tmp_path: Path, main) -> None:  # noqa: ANN001
+    """A repair writes training_log.json beside results.json: re-rendering in place shows it and does not
+    rewrite results.json with the log merged in; rendering elsewhere carries the log along."""
+    src = _write(tmp_path, F.audit_result())
+    (tmp_path / "training_log.json").write_text(json.dumps(F.repair_result()["training"]))
+    before = src.read_bytes()
+    assert main(["report", str(src), "--format", "html"]) == 0
+    assert src.read_bytes() == before
+    assert "Training (repair)" in (tmp_path / "report.html").read_text()
+    out = tmp_path / "elsewhere"
+    assert main(["report", str(src), "--format", "html", "--out", str(out)]) == 0
+    assert "Training (repair)" in (out / "report.html").read_text()
+    assert json.loads((out / "results.json").read_text())["training"] == F.repair_result()["training"]
+
+
 @pytest.mark.parametrize("content, fmt, msg", [
     (None, "md,html", "results file not found"),
     ("{not json", "md,html", "is not valid JSON"),

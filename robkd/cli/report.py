@@ -50,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.results)
     result = load_results(path)
     src_dir = path if path.is_dir() else path.resolve().parent
-    result = with_training_log(result, src_dir)
     out_dir = Path(args.out) if args.out else src_dir
+    if out_dir.resolve() != src_dir.resolve():
+        # render() shows a training_log.json of the directory it writes to; one beside the source must
+        # travel with the results. In place, the results file is left exactly as it is.
+        result = with_training_log(result, src_dir)
     written = render(result, out_dir, formats=formats)
     for p in written:
         sys.stdout.write(f"{p}\n")
