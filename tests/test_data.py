@@ -192,6 +192,12 @@ def test_imagefolder(tmp_path):
         load_dataset("imagefolder", "val", data_dir=tmp_path)
     d = load_dataset("imagefolder", "val", data_dir=tmp_path, img_size=6)
     assert d.x.shape == (7, 3, 6, 6)
+    # a tree of split folders without the requested split: an error naming the splits, not the split
+    # folders read as classes
+    for loader in (lambda: load_dataset("imagefolder", "test", data_dir=tmp_path, img_size=6),
+                   lambda: load_dataset(str(tmp_path), "test", img_size=6)):
+        with pytest.raises(DataError, match="--split"):
+            loader()
 
 
 def test_tensor_files(tmp_path):

@@ -161,11 +161,23 @@ def _read_cifar_dir(kind: str, d: Path, split: str) -> ImageData | None:
 def _imagefolder_reader(split: str, data_dir=None, img_size: int | None = None, **_: object) -> ImageData:
     if not data_dir:
         raise UsageError("--data imagefolder needs --data-dir ROOT (ROOT/<split>/<class>/<image> or ROOT/<class>/<image>)")
-    root = Path(data_dir)
-    if (root / split).is_dir():
-        root = root / split
-    x, y, classes = formats.read_imagefolder(root, img_size=img_size)
+    x, y, classes = formats.read_imagefolder(_imagefolder_root(Path(data_dir), split), img_size=img_size)
     return ImageData(x, y, name="imagefolder", classes=classes)
+
+
+_SPLIT_DIRS = ("train", "val", "test")
+
+
+def _imagefolder_root(root: Path, split: str) -> Path:
+    """``ROOT/<split>`` when it exists; ``ROOT`` itself only when it is not a tree of split folders (a
+    missing ``ROOT/test`` beside ``ROOT/train`` and ``ROOT/val`` must not turn the splits into classes)."""
+    if (root / split).is_dir():
+        return root / split
+    present = [d for d in _SPLIT_DIRS if (root / d).is_dir()]
+    if present:
+        raise DataError(f"{root} has split folders {present} but no {split!r}: choose one with --split "
+                        f"({', '.join(present)})")
+    return root
 
 
 def _slice_reader(split: str, **_: object) -> ImageData:
@@ -237,7 +249,7 @@ def load_dataset(
         x, y = formats.read_arrays(path)
         return ImageData(x, y, name=path.name)
     if path.is_dir() and name not in DATASETS:
-        x, y, classes = formats.read_imagefolder(path / split if (path / split).is_dir() else path, img_size=img_size)
+        x, y, classes = formats.read_imagefolder(_imagefolder_root(path, split), img_size=img_size)
         return ImageData(x, y, name=path.name, classes=classes)
     info = dataset_info(name)
     if info is None:
