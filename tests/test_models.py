@@ -120,6 +120,20 @@ def test_torch_export_program(small, tmp_path):
     assert torch.allclose(m(_x()), small(_x()), atol=1e-6)
 
 
+def test_torch_export_program_with_a_fixed_batch_size(small, tmp_path):
+    """torch.export fixes the batch size unless told otherwise: such a program runs in chunks of its size."""
+    p = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(small.net, (torch.zeros(2, *SHAPE),)), str(p))
+    m = load_model(p, mean=(0.3,), std=(0.4,))
+    x = torch.rand(5, *SHAPE, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(m(x), small(x), atol=1e-6) and torch.allclose(m(x[:1]), small(x[:1]), atol=1e-6)
+    x.requires_grad_(True)  # attacks take input gradients through the chunks
+    (g,) = torch.autograd.grad(m(x).sum(), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(small(x2).sum(), x2)
+    assert torch.allclose(g, g2, atol=1e-5)
+
+
 def test_pickled_module_needs_explicit_opt_in(small, tmp_path):
     p = tmp_path / "whole.pt"
     torch.save(small.net, p)

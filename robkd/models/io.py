@@ -395,28 +395,58 @@ def _load_export(p: Path, flags: ModelMeta, allow_pickle: bool):
                                  f"trust it") from exc
         raise ModelLoadError(f"corrupt torch.export program {p}: {exc}") from exc
     meta = ModelMeta(arch="torch.export")
+    fixed_batch = None
     try:
         arg = program.example_inputs[0][0] if program.example_inputs else None
         if isinstance(arg, torch.Tensor) and arg.dim() == 4:
             meta.input_shape = tuple(int(v) for v in arg.shape[1:])
+            fixed_batch = _fixed_batch(net, arg)
     except (AttributeError, IndexError, TypeError):
         pass
-    return _ExportedModule(net), meta
+    return _ExportedModule(net, fixed_batch), meta
+
+
+def _fixed_batch(net: nn.Module, example: torch.Tensor) -> int | None:
+    """The example's batch size when the program accepts no other (exported without a dynamic batch)."""
+    b = int(example.shape[0])
+    other = example[:1] if b > 1 else torch.cat([example, example])
+    try:
+        with torch.no_grad():
+            net(other)
+    except Exception:  # noqa: BLE001 - a shape guard of the exported graph
+        return b
+    return None
 
 
 class _ExportedModule(nn.Module):
-    """Holds an exported program's module; eval()/train() must not reach into it."""
+    """Holds an exported program's module; eval()/train() must not reach into it.
 
-    def __init__(self, gm: nn.Module) -> None:
+    ``fixed_batch``: the only batch size the program accepts (``torch.export`` fixes the batch size
+    unless it was exported with a dynamic batch dimension); other batches then run in chunks of that
+    size, the last one padded by repeating its final row (padding rows are dropped from the output, and
+    an exported graph computes each row independently, so the kept rows are unchanged)."""
+
+    def __init__(self, gm: nn.Module, fixed_batch: int | None = None) -> None:
         super().__init__()
         self.gm = gm
+        self.fixed_batch = fixed_batch
 
     def train(self, mode: bool = True) -> "_ExportedModule":  # exported graphs have no mode
         self.training = mode
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gm(x)
+        fb = self.fixed_batch
+        if fb is None or x.shape[0] == fb:
+            return self.gm(x)
+        outs = []
+        for s in range(0, x.shape[0], fb):
+            part = x[s : s + fb]
+            n = part.shape[0]
+            if n < fb:
+                part = torch.cat([part, part[-1:].expand(fb - n, *part.shape[1:])])
+            outs.append(self.gm(part)[:n])
+        return torch.cat(outs)
 
 
 def _load_torch(p: Path, flags: ModelMeta, allow_pickle: bool):
