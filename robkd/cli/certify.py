@@ -30,7 +30,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     add_data_args(p, default_n=100)
     g = p.add_argument_group("certification")
     g.add_argument("--method", choices=METHODS, default="crown", help="certification method (default crown)")
-    g.add_argument("--eps", help="radii, e.g. 0.01,0.05 or 1/255,2/255,...,8/255 (default: the dataset's usual radius)")
+    g.add_argument("--eps", help="radii, e.g. 0.01,0.05 or 1/255,2/255,...,8/255 (default: the dataset's usual Linf radius; required for --norm L2 and smoothing)")
     g.add_argument("--norm", choices=["Linf", "L2", "linf", "l2"], default="Linf", help="ball norm (default Linf)")
     g.add_argument("--bounds-backend", choices=["robkd", "auto_lirpa"], default="robkd",
                    help="bound implementation for ibp/crown/alpha-crown (auto_lirpa needs a working install)")
