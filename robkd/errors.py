@@ -3,15 +3,41 @@
 The CLI turns a :class:`RobkdError` into one line on stderr and exit code 2
 (a traceback only with ``--debug``). Library code raises these instead of using
 ``assert`` so that bad input always produces a clear message.
+
+Exit codes of every ``robkd`` command (one table, shown by ``robkd --help`` and the README):
+
+====  ===========================================================================================
+0     success; every gate passed (or no gate was given)
+1     a gate failed, and nothing else
+2     bad input or environment: flags, specs, gates, model or data files, a model that fails or
+      returns malformed outputs, filesystem errors (read-only, disk full), out of memory, a locked
+      ``--out``; one line on stderr
+3     sanity flags raised under ``--strict`` (results are still written)
+4     internal error: a bug in robkd (one line; ``--debug`` shows the traceback; please report it)
+130   interrupted (Ctrl-C)
+====  ===========================================================================================
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_SANITY = 3
+EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 success (gates passed); 1 a gate failed (only that); 2 bad input or environment "
+    "(flags, files, data, a failing model, filesystem errors; one line on stderr); 3 sanity flags under "
+    "--strict; 4 internal error (a robkd bug: rerun with --debug and report it); 130 interrupted"
+)
 
 
 class RobkdError(Exception):
     """Base class of all errors caused by user input or environment."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
 class UsageError(RobkdError, ValueError):
@@ -50,3 +76,16 @@ class UnsupportedModelError(RobkdError):
 
 class EvaluationError(RobkdError):
     """An evaluation is unreliable (sanity check failed under ``--strict``)."""
+
+
+class ModelRuntimeError(RobkdError):
+    """A user's model failed while robkd ran it (raised, returned malformed outputs, failed under
+    gradients, ran out of memory)."""
+
+
+class OutputError(RobkdError):
+    """An output location cannot be written (read-only, not a directory, disk full, locked by another run)."""
+
+
+class TrainingDivergedError(RobkdError):
+    """Training reached a non-finite loss or non-finite weights; it stopped, keeping the last good training state."""

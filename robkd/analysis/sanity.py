@@ -26,6 +26,7 @@ from torch import nn
 from robkd.attacks.base import attack_mode, check_inputs, model_device
 from robkd.errors import UsageError
 from robkd.types import Norm, format_radius
+from robkd.utils.logits import correct
 
 #: attacks that use no gradient
 BLACK_BOX = {"square"}
@@ -196,7 +197,7 @@ def check_blackbox_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, no
     from robkd.attacks import make_attack, verify_adversarial
 
     norm = Norm.parse(norm)
-    clean = _logits(model, x).argmax(1) == y.cpu()
+    clean = correct(_logits(model, x), y.cpu())
     robust = clean.clone()
 
     def broken(spec: str, rows: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -229,7 +230,7 @@ def _robust_accuracy(model, x, y, spec, norm, eps, seed) -> float:
     out = make_attack(spec, norm, eps, seed=seed).run(model, x, y)
     ok = verify_adversarial(model, x, out.x_adv, y, norm, eps) & out.success
     with torch.no_grad():
-        clean = _logits(model, x).argmax(1) == y.cpu()
+        clean = correct(_logits(model, x), y.cpu())
     return float((clean & ~ok.cpu()).float().mean())
 
 
@@ -320,8 +321,8 @@ def run_sanity_checks(
                 raise UsageError("the attack checks need a norm")
             norm = Norm.parse(norm)
             xs, ys = _subset(x, y, None, seed)
-            correct = _logits(model, xs).argmax(1) == ys.cpu()
-            xs, ys = xs[correct.to(xs.device)], ys[correct.to(ys.device)]
+            ok = correct(_logits(model, xs), ys.cpu())
+            xs, ys = xs[ok.to(xs.device)], ys[ok.to(ys.device)]
             xs, ys = _subset(xs, ys, n, seed)
             if xs.shape[0] == 0:
                 return flags

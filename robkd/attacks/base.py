@@ -19,6 +19,7 @@ from torch import nn
 
 from robkd.attacks._geometry import lp_norm
 from robkd.attacks.noise import SampleNoise
+from robkd.utils.logits import NON_FINITE, predict
 from robkd.errors import UsageError
 from robkd.types import Norm
 
@@ -237,9 +238,12 @@ def check_sample_ids(sample_ids: object, n: int) -> torch.Tensor:
 
 
 def is_success(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """Untargeted: prediction differs from ``y``; targeted: prediction equals ``target``."""
-    pred = logits.argmax(1)
-    return pred == target if target is not None else pred != y
+    """Untargeted: prediction differs from ``y``; targeted: prediction equals ``target``. A row with a
+    non-finite output is a success either way (robkd's non-finite policy, :mod:`robkd.utils.logits`):
+    the model gave no answer there, so the sample is not robust."""
+    pred = predict(logits)
+    hit = pred == target if target is not None else pred != y
+    return hit | (pred == NON_FINITE)
 
 
 def input_gradient(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

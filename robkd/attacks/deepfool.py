@@ -8,6 +8,7 @@ from robkd.attacks._geometry import per_sample, project
 from robkd.attacks.base import Attack, AttackOutput, check_positive_int, is_success
 from robkd.errors import UsageError
 from robkd.types import Norm
+from robkd.utils.logits import predict
 
 
 class DeepFool(Attack):
@@ -66,7 +67,7 @@ class DeepFool(Attack):
             ya, ca = y[idx], cand[idx]
             with torch.enable_grad():
                 logits = model(xa)
-                done = logits.detach().argmax(1) != ya
+                done = predict(logits.detach()) != ya
                 fy = logits.gather(1, ya.view(-1, 1)).squeeze(1)
                 best_dist = torch.full((idx.numel(),), float("inf"), device=x.device, dtype=x.dtype)
                 best_f = torch.zeros_like(best_dist)

@@ -19,6 +19,19 @@ _PGD = re.compile(r"^pgd(?:-(\d+)(?:x(\d+))?)?$")
 _MIFGSM = re.compile(r"^mi-?fgsm(?:-(\d+))?$")
 _EOT = re.compile(r"^(.+)-eot(\d+)$")
 
+#: upper limits of the integers in a spec: beyond them a run would never end (``pgd-<20 digits>``)
+MAX_STEPS, MAX_RESTARTS, MAX_EOT = 100_000, 10_000, 10_000
+
+
+def _count(spec: str, text: str | None, what: str, limit: int) -> int | None:
+    """The integer ``text`` of ``spec`` (None when absent), checked to lie in [1, limit]."""
+    if text is None:
+        return None
+    value = int(text)
+    if not 1 <= value <= limit:
+        raise UsageError(f"attack {spec!r}: {what} must be between 1 and {limit:,}, got {text[:24]}")
+    return value
+
 #: every spec form, for help texts
 ATTACK_SPECS = ["fgsm", "pgd-<steps>", "pgd-<steps>x<restarts>", "mifgsm-<steps>", "deepfool", *AUTOATTACK_SPECS,
                 "<fgsm|pgd|mifgsm spec>-eot<n>"]
@@ -51,26 +64,24 @@ def make_attack(spec: str, norm: "Norm | str", eps: float, **kw: Any) -> Attack:
     norm = Norm.parse(norm)
     m = _EOT.match(key)
     if m:
-        base, n = m.group(1), int(m.group(2))
+        base, n = m.group(1), _count(spec, m.group(2), "EOT passes", MAX_EOT)
         if "eot_iter" in kw:
             raise UsageError(f"attack {spec!r} sets EOT twice (the -eot suffix and eot_iter)")
         if not (_PGD.match(base) or _MIFGSM.match(base) or base == "fgsm"):
             raise UsageError(f"attack {spec!r}: the -eot<n> suffix applies to fgsm, pgd and mifgsm specs "
                              "(AutoAttack's EOT version is autoattack-rand)")
-        if n < 1:
-            raise UsageError(f"attack {spec!r}: EOT needs at least 1 pass")
         return make_attack(base, norm, eps, eot_iter=n, **kw)
     m = _PGD.match(key)
     if m:
         fixed: dict[str, Any] = {}
         if m.group(1) is not None:
-            fixed["steps"] = int(m.group(1))
+            fixed["steps"] = _count(spec, m.group(1), "steps", MAX_STEPS)
         if m.group(2) is not None:
-            fixed["restarts"] = int(m.group(2))
+            fixed["restarts"] = _count(spec, m.group(2), "restarts", MAX_RESTARTS)
         return _build(PGD, norm, eps, fixed, kw, spec)
     m = _MIFGSM.match(key)
     if m:
-        fixed = {"steps": int(m.group(1))} if m.group(1) is not None else {}
+        fixed = {"steps": _count(spec, m.group(1), "steps", MAX_STEPS)} if m.group(1) is not None else {}
         return _build(MIFGSM, norm, eps, fixed, kw, spec)
     if key == "fgsm":
         return _build(FGSM, norm, eps, {}, kw, spec)

@@ -39,6 +39,7 @@ from torch import nn
 
 from robkd.attacks.base import Attack, attack_mode, check_inputs, check_sample_ids, model_device, verify_adversarial
 from robkd.attacks.registry import make_attack
+from robkd.utils.logits import correct
 from robkd.errors import UsageError
 from robkd.types import Norm, format_radius
 
@@ -392,7 +393,7 @@ class Suite:
         with attack_mode(model), torch.no_grad():
             for s in range(0, x.shape[0], self.batch_size):
                 logits = model(x[s : s + self.batch_size].to(device))
-                out[s : s + self.batch_size] = (logits.argmax(1) == y[s : s + self.batch_size].to(device)).cpu()
+                out[s : s + self.batch_size] = correct(logits, y[s : s + self.batch_size].to(device)).cpu()
         return out
 
     def _restore(self, state: "SuiteResult | dict[str, torch.Tensor]", radii: list[float], fp: list[float]) -> SuiteResult:

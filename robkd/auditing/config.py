@@ -96,6 +96,9 @@ class AuditConfig:
             if any(not math.isfinite(e) or e <= 0 for e in self.eps):
                 raise UsageError(f"every radius must be > 0, got {self.eps}")
         self.norm = Norm.parse(self.norm).value
+        if self.norm == Norm.LINF.value and self.eps is not None and max(self.eps) > 1:
+            raise UsageError(f"Linf radius {max(self.eps):g} is larger than the whole [0,1] pixel range: radii are in "
+                             "[0,1] pixel space (e.g. 8/255, not 8)")
         if self.eps is None and self.norm != Norm.LINF.value:
             raise UsageError(f"--norm {self.norm} needs radii: give them with --eps (the datasets' usual radii are Linf radii)")
         self.attacks = [a.lower() for a in _str_list(self.attacks, "attacks")]  # attack names are case-insensitive

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import shutil
 import sys
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,8 +29,9 @@ from robkd.auditing.config import AuditConfig
 from robkd.auditing.gates import Gate, judge, parse_gate, validate_gate
 from robkd.auditing.result import RESULTS_FILE, SAMPLES_FILE, SCHEMA_VERSION, AuditResult, gate_samples, lookup_metric
 from robkd.auditing.stats import CONFIDENCE, Proportion, ratio_interval
-from robkd.errors import DataError, ModelLoadError, RobkdError, UnsupportedModelError, UsageError
+from robkd.errors import DataError, ModelLoadError, ModelRuntimeError, RobkdError, UnsupportedModelError, UsageError
 from robkd.types import Norm, format_radius
+from robkd.utils.logits import NON_FINITE, finite_rows, predict
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +111,13 @@ def run_audit(
     (see docs/distributed.md). Ranks other than 0 return the result without
     per-sample tensors.
     """
-    from robkd.distributed import all_ranks, check_same, init_from_env, on_main, shard_positions
+    from robkd.distributed import all_ranks, check_same, init_from_env, on_main
 
     t_start = time.perf_counter()
     cfg.validate()
+    out = Path(cfg.out) if cfg.out else None
+    if out is not None:  # cheap output checks before any model or data is loaded
+        _check_out_dir(out, resume=resume, overwrite=overwrite)
     ctx = init_from_env(cfg.device)
     plan = _prepare(cfg, teacher, student, ctx)
     n = int(plan.y.shape[0])
@@ -120,18 +125,39 @@ def run_audit(
         check_same(plan.fingerprint, "the models, data and settings", ctx)
         if n < ctx.world_size:
             raise UsageError(f"{n} samples cannot be shared by {ctx.world_size} processes: use more samples or fewer processes")
-    out = Path(cfg.out) if cfg.out else None
-    state: _StateStore | None = None
-    if out is not None:
+    if out is None:
+        return _audit_into(plan, ctx, None, None, t_start=t_start, on_event=on_event, command=command)
+    from robkd.utils.outdir import OutDirLock
+
+    existed = out.exists()
+    lock = OutDirLock(out) if ctx.is_main else contextlib.nullcontext()
+    with lock:  # a second writer to this --out is refused (rank 0 holds it for the whole job)
         root = out / STATE_DIR / f"rank{ctx.rank}" if ctx.distributed else out / STATE_DIR
         fp = {**plan.fingerprint, "world_size": ctx.world_size, "rank": ctx.rank} if ctx.distributed else plan.fingerprint
         state = _StateStore(root, fp)
-        on_main(lambda: _prepare_out_dir(out, resume=resume, overwrite=overwrite, world_size=ctx.world_size), ctx)
-        all_ranks(lambda: state.open(resume=resume), ctx)  # type: ignore[union-attr]
-        if ctx.is_main:
-            from robkd.utils.io import atomic_write_json
+        try:
+            on_main(lambda: _prepare_out_dir(out, resume=resume, overwrite=overwrite, world_size=ctx.world_size), ctx)
+            all_ranks(lambda: state.open(resume=resume), ctx)
+            if ctx.is_main:
+                from robkd.utils.io import atomic_write_json
 
-            atomic_write_json(out / STATE_DIR / LAYOUT_FILE, {"world_size": ctx.world_size})
+                atomic_write_json(out / STATE_DIR / LAYOUT_FILE, {"world_size": ctx.world_size})
+            return _audit_into(plan, ctx, out, state, t_start=t_start, on_event=on_event, command=command)
+        except Exception:
+            # a run refused or failed before it saved any progress leaves nothing behind; one with saved
+            # attack progress keeps its state for --resume (as does an interrupt, which is not caught here)
+            if ctx.is_main and not state.has_progress():
+                _discard_new_state(out, existed=existed)
+            raise
+
+
+def _audit_into(plan: "_Plan", ctx: Any, out: Path | None, state: "_StateStore | None", *, t_start: float,
+                on_event: EventFn | None, command: Sequence[str] | None) -> AuditResult:
+    """The audit's computation once the plan is made and the output directory (if any) is ready."""
+    from robkd.distributed import on_main, shard_positions
+
+    cfg = plan.cfg
+    n = int(plan.y.shape[0])
     timings: dict[str, Any] = {"prepare_s": time.perf_counter() - t_start}
     event = on_event or (lambda kind, info: None)
 
@@ -245,6 +271,7 @@ def _finish(plan: "_Plan", shard: dict[str, dict[str, Any]], timings: dict[str, 
         resumed += [f"{role}:{a}@{format_radius(r)}" for (_, a, r) in sorted(s["resumed"], key=lambda t: (t[2], t[1]))]
         suite_results[role] = sres
         block = _model_block(role, plan, s["clean_pred"], sres, tensors)
+        block["non_finite"] = _non_finite(plan, role, s["clean_pred"], sres)
         if cfg.certify:
             block["certification"] = _certify_summary(plan, role, s["cert"], block, tensors)
         block["timings"] = s["rt"]
@@ -259,6 +286,9 @@ def _finish(plan: "_Plan", shard: dict[str, dict[str, Any]], timings: dict[str, 
     t0 = time.perf_counter()
     flags = _sanity(plan, suite_results, blocks)
     timings["sanity_s"] = time.perf_counter() - t0
+    nf_flags = _non_finite_flags(blocks)
+    if nf_flags:
+        flags = (flags or []) + nf_flags
 
     data: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -365,8 +395,11 @@ def _prepare(cfg: AuditConfig, teacher: nn.Module | None, student: nn.Module | N
     from robkd.models import check_compatible
 
     check_compatible(plan.models["teacher"], plan.models["student"])
+    from robkd.analysis.sanity import BLACK_BOX
+
+    needs_grad = bool(cfg.llm or any(a not in BLACK_BOX for a in cfg.attacks))
     for role in ROLES:
-        _check_model_data(role, plan.models[role], subset)
+        _check_model_data(role, plan.models[role], subset, needs_grad=needs_grad)
     check_compatible(plan.models["teacher"], plan.models["student"])  # again, with filled metadata
     for role in ROLES:
         plan.models[role].to(plan.device).eval()
@@ -463,7 +496,7 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _check_model_data(role: str, model: nn.Module, data: Any) -> None:
+def _check_model_data(role: str, model: nn.Module, data: Any, *, needs_grad: bool = True) -> None:
     meta = model.meta
     shape = tuple(data.input_shape)
     if meta.input_shape is None:
@@ -478,6 +511,14 @@ def _check_model_data(role: str, model: nn.Module, data: Any) -> None:
         raise ModelLoadError(f"the {role} fails on {data.name} images of shape {list(shape)}: {exc}") from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ModelLoadError(f"the {role} returns {getattr(out, 'shape', type(out).__name__)}; expected (batch, classes) logits")
+    if out.shape[0] != probe.shape[0]:
+        raise ModelRuntimeError(f"the {role} returns {out.shape[0]} row(s) of logits for a batch of {probe.shape[0]} "
+                                "images; expected one row per image")
+    if not out.dtype.is_floating_point:
+        raise ModelRuntimeError(f"the {role} returns {str(out.dtype).replace('torch.', '')} outputs; robkd needs "
+                                "floating-point logits (attacks and bounds differentiate them)")
+    if needs_grad:
+        _check_gradients(role, model, probe)
     k = int(out.shape[1])
     if meta.num_classes is None:
         meta.num_classes = k
@@ -489,18 +530,54 @@ def _check_model_data(role: str, model: nn.Module, data: Any) -> None:
         raise DataError(f"{data.name} labels span [{int(data.y.min())}, {int(data.y.max())}] but the {role} has {k} classes")
 
 
+def _check_gradients(role: str, model: nn.Module, probe: torch.Tensor) -> None:
+    """The attacks differentiate the model with respect to its input: a model that fails under gradients
+    is refused here, before any output is written."""
+    x = probe.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            (g,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
+    except Exception as exc:  # noqa: BLE001 - user models fail in many ways
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelRuntimeError(f"the {role} fails when differentiated with respect to its input ({first}); "
+                                "gradient attacks need a differentiable model") from exc
+    del g  # None (no gradient path) is allowed: the zero-gradients sanity flag reports it
+
+
 def _first_device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
 
 
-def _prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, world_size: int = 1) -> None:
+def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse an unusable ``--out`` (side-effect free, before any model runs); True when it holds an audit."""
+    from robkd.utils.outdir import check_out_dir
+
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
+    check_out_dir(out)
     has_audit = (out / RESULTS_FILE).exists() or (out / STATE_DIR).exists()
     if has_audit and not resume and not overwrite:
         raise UsageError(f"{out} already holds an audit: pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    return has_audit
+
+
+def _discard_new_state(out: Path, *, existed: bool) -> None:
+    """Remove what a failed fresh run created in ``out``: its state folder, and ``out`` itself if it was new."""
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    if not existed:
+        from robkd.utils.outdir import LOCK_FILE
+
+        with contextlib.suppress(OSError):
+            remaining = [p for p in out.iterdir() if p.name != LOCK_FILE]
+            if not remaining:
+                shutil.rmtree(out, ignore_errors=True)
+
+
+def _prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, world_size: int = 1) -> None:
+    has_audit = _check_out_dir(out, resume=resume, overwrite=overwrite)
     layout = out / STATE_DIR / LAYOUT_FILE
     if resume and layout.is_file():
         import json
@@ -551,6 +628,12 @@ class _StateStore:
                     "(use the same models and settings, or --overwrite)"
                 )
             self.resuming = True
+            from robkd.utils.io import remove_stale_temps, remove_stale_temps_in
+
+            remove_stale_temps_in(self.root)  # left by a kill during a state write
+            out_dir = self.root.parent if self.root.name == STATE_DIR else self.root.parent.parent  # state/rank<k>/
+            for name in (RESULTS_FILE, SAMPLES_FILE):
+                remove_stale_temps(out_dir / name)
             log.info("resuming the audit saved in %s", self.root.parent)
         else:
             if resume:
@@ -558,6 +641,15 @@ class _StateStore:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_json(fp_path, self.fingerprint)
+
+    def has_progress(self) -> bool:
+        """Whether the state holds saved work (attack, certification or analysis progress), not only its
+        fingerprint."""
+        try:
+            return any(p.suffix == ".safetensors" or (p.suffix == ".json" and p.name != "fingerprint.json")
+                       for p in self.root.iterdir())
+        except OSError:
+            return False
 
     def _tensor_path(self, name: str) -> Path:
         return self.root / f"{name}.safetensors"
@@ -618,7 +710,7 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor
     preds = []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
-            preds.append(model(x[s : s + batch_size]).argmax(1))
+            preds.append(predict(model(x[s : s + batch_size])))
     return torch.cat(preds).cpu()
 
 
@@ -683,6 +775,40 @@ def _model_block(role: str, plan: _Plan, clean_pred: torch.Tensor, sres: Any, te
         "rejected_adversarials": dict(getattr(sres, "rejected", {}) or {}),
         "certification": None,
     }
+
+
+def _non_finite(plan: _Plan, role: str, clean_pred: torch.Tensor, sres: Any) -> dict[str, int]:
+    """How many audited samples got a non-finite output (NaN or inf logit): on the clean input, and on the
+    verified adversarial example the suite kept. Such samples are counted misclassified and not robust
+    (robkd.utils.logits), whatever their label."""
+    clean = _count(clean_pred == NON_FINITE)
+    rows = torch.isfinite(sres.adv_radius.cpu().double()).nonzero().flatten()
+    adv = 0
+    if rows.numel():
+        model = plan.models[role]
+        bs = plan.cfg.batch_size
+        with torch.no_grad():
+            for s in range(0, rows.numel(), bs):
+                xb = sres.x_adv[rows[s : s + bs]].to(plan.device, plan.x.dtype)
+                adv += _count(~finite_rows(model(xb)).cpu())
+    return {"clean": clean, "adversarial": adv}
+
+
+def _non_finite_flags(blocks: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``non-finite-outputs`` sanity flag (fails under ``--strict``) of each model that produced one."""
+    flags = []
+    for role in ROLES:
+        nf = blocks[role]["non_finite"]
+        if nf["clean"] or nf["adversarial"]:
+            flags.append({
+                "code": "non-finite-outputs",
+                "message": (f"the {role} returned NaN or infinite logits on {nf['clean']} clean input(s) and "
+                            f"{nf['adversarial']} adversarial example(s); those samples count as misclassified"),
+                "suggestion": "a broken or diverged model (check its weights and normalisation): do not ship it",
+                "model": role,
+                "value": float(nf["clean"] + nf["adversarial"]),
+            })
+    return flags
 
 
 def _transfer(plan: _Plan, sres: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:

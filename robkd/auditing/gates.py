@@ -305,8 +305,39 @@ def parse_gate(text: str) -> Gate:
     return _Parser(text.strip()).gate()
 
 
+def _constant_value(node: Any, text: str) -> float | None:
+    """The value of ``node`` when it holds no metric (None otherwise); a constant that is not a finite
+    number (``9e9999``, ``1/0``, an overflow) is a :class:`GateError`. (:func:`judge` alone fails such a
+    gate with a reason; :func:`validate_gate` refuses it before an audit starts.)"""
+    if isinstance(node, Ref):
+        return None
+    if isinstance(node, Num):
+        value = float(node.value)
+    elif isinstance(node, Neg):
+        inner = _constant_value(node.operand, text)
+        value = None if inner is None else -inner
+    elif isinstance(node, BinOp):
+        left, right = _constant_value(node.left, text), _constant_value(node.right, text)
+        if node.op == "/" and right == 0.0:
+            raise GateError(f"gate {text!r} divides by zero")
+        if left is None or right is None:
+            return None
+        try:
+            value = {"+": left + right, "-": left - right, "*": left * right, "/": left / right if right else math.nan}[node.op]
+        except OverflowError:
+            value = math.inf
+    else:  # pragma: no cover - the parser builds only the nodes above
+        return None
+    if value is not None and not math.isfinite(value):
+        raise GateError(f"gate {text!r} holds a constant that is not a finite number")
+    return value
+
+
 def validate_gate(gate: Gate, *, radii: Sequence[float], attacks: Sequence[str], certified: bool) -> None:
-    """Check that every reference names a measured metric at an audited radius."""
+    """Check, before any model runs, that every constant is a finite number (no ``1/0``, no ``9e9999``) and
+    every reference names a measured metric at an audited radius."""
+    for side in (gate.lhs, gate.rhs):
+        _constant_value(side, gate.text)
     shown = ", ".join(format_radius(r) for r in radii)
     for ref in gate.refs():
         if ref.radius is not None and match_radius(ref.radius, radii) is None:

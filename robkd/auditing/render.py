@@ -22,29 +22,39 @@ def _ratio(entry: dict[str, Any]) -> str:
     return f"{entry['value']:.3f} [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else f"{entry['value']:.3f}"
 
 
+def _t(value: Any) -> str:
+    """A string from the results shown on the terminal: rich markup escaped, control and bidi characters
+    written out visibly (``\x1b``, ``\u202e``)."""
+    from rich.markup import escape
+
+    from robkd.report.escape import esc_text
+
+    return escape(esc_text(value, keep=""))
+
+
 def summary_tables(data: dict[str, Any]) -> list[Any]:
     """Rich renderables summarising a results dict (``AuditResult.to_dict()``)."""
     from rich.table import Table
 
     out: list[Any] = []
     d = data["data"]
-    title = (f"robkd audit: {d['dataset']} {d['split']}, n={d['n']}, {data['norm']}, "
-             f"cascade {' > '.join(data['cascade_order'])} (95% Clopper-Pearson intervals)")
+    title = (f"robkd audit: {_t(d['dataset'])} {_t(d['split'])}, n={d['n']}, {_t(data['norm'])}, "
+             f"cascade {' > '.join(_t(a) for a in data['cascade_order'])} (95% Clopper-Pearson intervals)")
     t = Table(title=title, title_justify="left")
     t.add_column("radius")
     t.add_column("metric")
     t.add_column("teacher", justify="right")
     t.add_column("student", justify="right")
     t.add_row("-", "clean", _pct(data["teacher"]["clean"]), _pct(data["student"]["clean"]))
-    for i, rt in enumerate(data["radii_text"]):
+    for i, rt in enumerate(_t(r) for r in data["radii_text"]):
         te, st = data["teacher"]["per_radius"][i], data["student"]["per_radius"][i]
         for a in data["cascade_order"][:-1]:
-            t.add_row(rt, f"after {a}", _pct(te["after_attack"][a]), _pct(st["after_attack"][a]))
+            t.add_row(rt, f"after {_t(a)}", _pct(te["after_attack"][a]), _pct(st["after_attack"][a]))
         t.add_row(rt, "[bold]worst case[/bold]", _pct(te["worst"]), _pct(st["worst"]))
         for role_col in ("certification",):
             tc, sc = data["teacher"].get(role_col), data["student"].get(role_col)
             if tc or sc:
-                t.add_row(rt, f"certified ({(tc or sc)['method']})", _cert(tc, i), _cert(sc, i))
+                t.add_row(rt, f"certified ({_t((tc or sc)['method'])})", _cert(tc, i), _cert(sc, i))
     out.append(t)
 
     tr = Table(title="transfer (student vs teacher, worst case)", title_justify="left")
@@ -53,7 +63,7 @@ def summary_tables(data: dict[str, Any]) -> list[Any]:
     for e in data["transfer"]:
         lost = e["lost"]
         of = f" = {100 * lost['of_teacher_robust']:.1f}% of t-robust" if lost.get("of_teacher_robust") is not None else ""
-        tr.add_row(e["radius_text"], _ratio(e["ratio"]), f"{lost['k']}{of}", str(e["gained"]["k"]))
+        tr.add_row(_t(e["radius_text"]), _ratio(e["ratio"]), f"{lost['k']}{of}", str(e["gained"]["k"]))
     out.append(tr)
 
     if data.get("prop2"):
@@ -62,7 +72,7 @@ def summary_tables(data: dict[str, Any]) -> list[Any]:
             tp.add_column(col, justify="right")
         for e in data["prop2"]["per_radius"]:
             s = e["summary"]
-            tp.add_row(e["radius_text"], _mean(s, "llm_s"), _mean(s, "llm_t"), _mean(s, "bound"), _mean(s, "lhs_max"),
+            tp.add_row(_t(e["radius_text"]), _mean(s, "llm_s"), _mean(s, "llm_t"), _mean(s, "bound"), _mean(s, "lhs_max"),
                        str(s.get("violations")))
         out.append(tp)
 
@@ -72,7 +82,7 @@ def summary_tables(data: dict[str, Any]) -> list[Any]:
         for col in ("model", "code", "message", "suggestion"):
             tf.add_column(col)
         for f in flags:
-            tf.add_row(str(f.get("model")), str(f.get("code")), str(f.get("message")), str(f.get("suggestion")))
+            tf.add_row(*(_t(f.get(k)) for k in ("model", "code", "message", "suggestion")))
         out.append(tf)
 
     if data.get("gates"):
@@ -82,7 +92,7 @@ def summary_tables(data: dict[str, Any]) -> list[Any]:
         tg.add_column("result")
         tg.add_column("why")
         for g in data["gates"]:
-            tg.add_row(g["gate"], "[green]PASS[/green]" if g["passed"] else "[red]FAIL[/red]", g["reason"])
+            tg.add_row(_t(g["gate"]), "[green]PASS[/green]" if g["passed"] else "[red]FAIL[/red]", _t(g["reason"]))
         out.append(tg)
     return out
 
@@ -91,7 +101,7 @@ def _cert(block: dict[str, Any] | None, i: int) -> str:
     if not block:
         return "-"
     if block.get("status") != "ok":
-        return f"unsupported ({', '.join(block.get('unsupported') or []) or block.get('reason', '')})"
+        return _t(f"unsupported ({', '.join(block.get('unsupported') or []) or block.get('reason', '')})")
     e = block["per_radius"][i]
     return f"{_pct(e['certified'])}; 1 region {100 * e['linear_region_fraction']:.0f}%"
 

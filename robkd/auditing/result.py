@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from robkd.auditing.gates import GateResult, Interval, Ref, match_radius
-from robkd.errors import UsageError
+from robkd.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_SANITY, UsageError
 from robkd.types import format_radius
 
 if TYPE_CHECKING:
@@ -22,8 +22,6 @@ SCHEMA_VERSION = "1"
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.safetensors"
 
-#: Exit codes of ``robkd audit`` (see docs/results-schema.md).
-EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_SANITY = 0, 1, 2, 3
 
 
 class AuditResult:
@@ -106,25 +104,26 @@ class AuditResult:
 
     @classmethod
     def load(cls, out_dir: str | Path, *, tensors: bool = True) -> "AuditResult":
-        """Read an audit directory written by :meth:`write`."""
+        """Read an audit directory (or its results.json) written by :meth:`write`.
+
+        The file goes through the one guarded reader of results files (:func:`robkd.report.schema.read_results`):
+        missing, unreadable, non-strict or too deeply nested JSON, another schema version, or a file that breaks
+        the schema raise :class:`~robkd.report.schema.ResultsError` (a :class:`UsageError`) with one line."""
+        from robkd.report.schema import ResultsError, read_results
+
         out = Path(out_dir)
         path = out / RESULTS_FILE if out.is_dir() else out
-        if not path.is_file():
-            raise UsageError(f"no {RESULTS_FILE} in {out}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}") from exc
-        if str(data.get("schema_version")) != SCHEMA_VERSION:
-            raise UsageError(f"{path} has results schema {data.get('schema_version')!r}; this robkd reads {SCHEMA_VERSION}")
+        data = read_results(path)
         t: dict[str, Any] = {}
         samples = path.parent / SAMPLES_FILE
         if tensors and samples.is_file():
             from safetensors.torch import load_file
 
-            t = load_file(str(samples))
-        res = cls(data, t)
-        return res
+            try:
+                t = load_file(str(samples))
+            except Exception as exc:  # safetensors raises its own error type on a corrupt file
+                raise ResultsError(f"cannot read {samples}: {type(exc).__name__}: {exc}") from exc
+        return cls(data, t)
 
 
 def _radius_index(data: dict[str, Any], radius: float | None) -> int | None:

@@ -25,6 +25,7 @@ from robkd.bounds import ops
 from robkd.bounds.graph import METHODS, BoundedModel, _Ctx, _concretize, _eps_tensor, _input_box
 from robkd.errors import UsageError
 from robkd.types import Norm, format_radius
+from robkd.utils.logits import correct
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def certify(
     K = logits.shape[1]
     if y.min() < 0 or y.max() >= K:
         raise UsageError(f"labels must be in 0..{K - 1}")
-    clean = logits.argmax(1) == y
+    clean = correct(logits, y)  # a non-finite output is never certified (robkd.utils.logits)
     margins, unstable, linear, exact, falsified, decided = [], [], [], [], [], []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):

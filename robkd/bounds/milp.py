@@ -32,6 +32,7 @@ from robkd.bounds.api import _input_shape, in_eval_mode, margin_matrix
 from robkd.bounds.graph import BoundedModel
 from robkd.errors import UnsupportedModelError, UsageError
 from robkd.types import Norm
+from robkd.utils.logits import predict
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +237,9 @@ def verify_milp(
             lb, _, nb = bm.bounds(xi, float(eps), norm=norm, method=bounds_method, C=C)
         bound = {j: float(lb[0, k]) for k, j in enumerate(others)}
         out = MilpOutcome(i, "unknown", yi, {}, bound)
-        if int(logits.argmax(1)) != yi:
-            out.status, out.counterexample, out.reason = "falsified", xi[0].clone(), "misclassified at the centre"
+        if int(predict(logits)) != yi:
+            out.status, out.counterexample, out.reason = "falsified", xi[0].clone(), (
+                "misclassified at the centre" if bool(torch.isfinite(logits).all()) else "non-finite output at the centre")
             if not exhaustive:
                 out.seconds = time.perf_counter() - t0
                 outcomes.append(out)
@@ -264,7 +266,7 @@ def verify_milp(
                 cand = torch.as_tensor(xs, dtype=torch.float32).reshape(xi.shape)
                 cand = torch.min(torch.max(cand, xi - eps), xi + eps).clamp(0, 1)
                 with torch.no_grad():
-                    pred = int(model(cand).argmax(1))
+                    pred = int(predict(model(cand)))
                 if pred != yi:
                     out.status, out.counterexample = "falsified", cand[0]
                     out.reason = f"counterexample classified as {pred} (margin to {j}: {best:.4g})"

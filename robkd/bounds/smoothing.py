@@ -28,6 +28,7 @@ from torch import nn
 
 from robkd.analysis.llm import eval_mode
 from robkd.errors import UsageError
+from robkd.utils.logits import NON_FINITE, predict
 
 __all__ = [
     "SmoothingResult",
@@ -172,7 +173,8 @@ class _Sampler:
                 raise UsageError(f"model must return logits of shape (B, K), got {tuple(logits.shape)}")
             if self.num_classes is None:
                 self.num_classes = int(logits.shape[1])
-            c = torch.bincount(logits.argmax(dim=1), minlength=self.num_classes).cpu()
+            pred = predict(logits)  # a draw with a non-finite output votes for no class (robkd.utils.logits)
+            c = torch.bincount(pred[pred != NON_FINITE], minlength=self.num_classes).cpu()
             total = c if total is None else total + c
             remaining -= b
         if total is None:  # num == 0: no votes

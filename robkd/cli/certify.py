@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from robkd.models import load_model
     from robkd.types import Norm, format_radius, parse_eps_list
     from robkd.utils.io import atomic_write_json
+    from robkd.utils.outdir import check_out_dir
 
     log = logging.getLogger("robkd.certify")
     if args.batch_size is not None and args.batch_size <= 0:
@@ -104,6 +105,16 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
+    check_out_dir(out_dir)
+    radii = parse_eps_list(args.eps) if args.eps is not None else None  # bad radii fail before any model loads
+    if args.eps is None and args.method == "smoothing":
+        raise UsageError("--method smoothing certifies L2 radii: give them with --eps (e.g. 0.25,0.5,1.0); "
+                         "the dataset's usual radius is an Linf radius")
+    if args.eps is None and norm is not Norm.LINF:
+        raise UsageError(f"--norm {norm.value} needs radii: give them with --eps (the datasets' usual radii are Linf radii)")
+    if radii is not None and norm is Norm.LINF and max(radii) > 1:
+        raise UsageError(f"Linf radius {max(radii):g} is larger than the whole [0,1] pixel range: radii are in "
+                         "[0,1] pixel space (e.g. 8/255, not 8)")
 
     def _data(name: str):
         return load_dataset(name, args.split or "test", data_dir=args.data_dir, download=args.download, img_size=args.img_size)
@@ -121,21 +132,14 @@ def run(args: argparse.Namespace) -> int:
         raise IncompatibleModelsError(
             f"the model takes inputs of shape {list(model.meta.input_shape)} but {data.name} has {list(subset.input_shape)}"
         )
-    if args.eps is None and args.method == "smoothing":
-        raise UsageError("--method smoothing certifies L2 radii: give them with --eps (e.g. 0.25,0.5,1.0); "
-                         "the dataset's usual radius is an Linf radius")
-    if args.eps is None and norm is not Norm.LINF:
-        raise UsageError(f"--norm {norm.value} needs radii: give them with --eps (the datasets' usual radii are Linf radii)")
     if args.eps is None:
         info = dataset_info(data_name)
         if info is None:
             raise UsageError("--eps is required for this dataset")
         radii = [info.default_eps]
-    else:
-        radii = parse_eps_list(args.eps)
     x, y = subset.float_x(), subset.y
-    if int(y.max()) >= (model.meta.num_classes or 10**9):
-        raise DataError(f"labels go up to {int(y.max())} but the model has {model.meta.num_classes} classes")
+    if int(y.min()) < 0 or int(y.max()) >= (model.meta.num_classes or 10**9):
+        raise DataError(f"labels span [{int(y.min())}, {int(y.max())}] but the model has {model.meta.num_classes} classes")
 
     t0 = time.perf_counter()
     results: list[dict] = []

@@ -9,6 +9,8 @@ import sys
 import typing
 from typing import Sequence
 
+from robkd.errors import EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTED
+
 # command name -> module; each module defines register(subparsers) and run(args) -> int
 COMMANDS: dict[str, str] = {
     "audit": "robkd.cli.audit",
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser (imports every command module, none of which imports torch at top level)."""
     from robkd import __version__
 
-    parser = _Parser(prog="robkd", description=DESCRIPTION)
+    parser = _Parser(prog="robkd", description=DESCRIPTION, epilog=EXIT_CODES_HELP)
     parser.add_argument("--version", action="version", version=f"robkd {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on the terminal")
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 gate failed, 2 bad input)."""
+    """Run the CLI; returns the exit code (table in :mod:`robkd.errors`: 0 ok, 1 a gate failed, 2 bad input,
+    3 sanity flags under ``--strict``, 4 internal error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -67,23 +70,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not debug:  # pyautoattack logs every runner's settings at INFO ("setting parameters for ... version")
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
-    from robkd.errors import RobkdError
-
+    _fail_writes_instead_of_dying()
     finished = False
     try:
         code = int(args.func(args) or 0)
         finished = True
         return code
-    except RobkdError as exc:
-        if debug:
-            raise
-        sys.stderr.write(f"robkd {args.command}: error: {exc}\n")
-        return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("robkd: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and a documented code
+        if debug or isinstance(exc, SystemExit):
+            raise
+        message, code = describe_failure(exc)
+        sys.stderr.write(f"robkd {args.command}: error: {message}\n")
+        return code
     finally:
         _close_process_group(wait=finished)
+
+
+_MAX_MESSAGE = 400
+
+
+def _fail_writes_instead_of_dying() -> None:
+    """Past a file-size limit (``ulimit -f``) the kernel kills the process with SIGXFSZ, silently; ignored, a
+    write fails with EFBIG instead, which becomes one line and exit 2."""
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except ValueError:  # not the main thread (an embedding application): leave the signal alone
+            pass
+
+
+def _one_line(text: str) -> str:
+    """The first non-empty line of ``text``, shortened, with control characters made visible."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    more = len(lines) > 1
+    first = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in first)
+    if len(first) > _MAX_MESSAGE:
+        first, more = first[: _MAX_MESSAGE - 3] + "...", True
+    return first + (" (--debug shows the full message)" if more else "")
+
+
+def describe_failure(exc: BaseException) -> tuple[str, int]:
+    """One line and the exit code (see :mod:`robkd.errors`) for an exception that ended a command.
+
+    A :class:`~robkd.errors.RobkdError` keeps its message and code. Filesystem errors and memory
+    exhaustion are the environment's (exit 2); anything else is a bug of robkd (exit 4).
+    """
+    from robkd.errors import RobkdError
+
+    if isinstance(exc, RobkdError):
+        return _one_line(str(exc)), exc.exit_code
+    if isinstance(exc, OSError):
+        what = exc.strerror or type(exc).__name__
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        return _one_line(f"cannot write or read a file ({what}{where})"), EXIT_BAD_INPUT
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "out of memory: lower --batch-size or -n, or use a larger machine", EXIT_BAD_INPUT
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to process", EXIT_BAD_INPUT
+    detail = _one_line(f"{type(exc).__name__}: {exc}")
+    return f"internal error ({detail}); rerun with --debug for the traceback and report it", EXIT_INTERNAL
 
 
 def _close_process_group(*, wait: bool) -> None:

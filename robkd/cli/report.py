@@ -41,22 +41,24 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, validate and render; prints the written paths on stdout."""
+    """Check the output directory, load and validate the results file, render; prints the written paths
+    on stdout. Bad input (formats, output directory, results file) is refused before anything is written."""
     import sys
 
-    from robkd.report import load_results, render, with_training_log
+    from robkd.report import check_out_dir, load_results, render, with_training_log
+    from robkd.report.escape import esc_text
 
     formats = parse_formats(args.format)
     path = Path(args.results)
-    result = load_results(path)
     src_dir = path if path.is_dir() else path.resolve().parent
-    out_dir = Path(args.out) if args.out else src_dir
+    out_dir = check_out_dir(Path(args.out) if args.out else src_dir)
+    result = load_results(path)
     if out_dir.resolve() != src_dir.resolve():
         # render() shows a training_log.json of the directory it writes to; one beside the source must
         # travel with the results. In place, the results file is left exactly as it is.
         result = with_training_log(result, src_dir)
     written = render(result, out_dir, formats=formats)
     for p in written:
-        sys.stdout.write(f"{p}\n")
-    log.info("report written to %s", out_dir)
+        sys.stdout.write(f"{esc_text(p, keep='')}\n")
+    log.info("report written to %s", esc_text(out_dir, keep=""))
     return 0

@@ -32,6 +32,9 @@ batch, coefficient gamma/B); --lambda-iga is then gamma, default 1000 (the paper
 Per-dataset defaults (Linf): fashion-mnist eps 0.1, cifar10/100 eps 8/255, mnist 0.3;
 step eps/4 and 10 steps (Fast-ARD: step eps). Augmentation 'auto': random crop (pad 4)
 + horizontal flip for CIFAR, none for Fashion-MNIST/MNIST ('crop' pads 2 px on 28x28).
+
+Divergence: a NaN/inf loss or weight stops training with exit 2 and one line saying where; no model
+is saved, the last good training state is kept (--state), nothing non-finite is written: lower --lr.
 """
 
 

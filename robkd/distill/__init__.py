@@ -7,7 +7,7 @@ Loss terms with their exact formulas live in :mod:`robkd.distill.losses`.
 from robkd.distill import losses
 from robkd.distill.api import TrainResult, model_sha256, repair, train
 from robkd.distill.config import METHODS, STUDENT_METHODS, TEACHER_METHODS, TrainConfig
-from robkd.distill.trainer import Trainer, TrainLog, evaluate_robust, load_train_state
+from robkd.distill.trainer import Trainer, TrainingDivergedError, TrainLog, evaluate_robust, load_train_state
 
 __all__ = [
     "METHODS",
@@ -17,6 +17,7 @@ __all__ = [
     "TrainLog",
     "TrainResult",
     "Trainer",
+    "TrainingDivergedError",
     "evaluate_robust",
     "load_train_state",
     "losses",

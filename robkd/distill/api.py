@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
-from robkd.distill.config import STUDENT_METHODS, TrainConfig
-from robkd.distill.trainer import Trainer, TrainLog, resolve_device
-from robkd.errors import UsageError
+from robkd.distill.config import STUDENT_METHODS, TrainConfig, _int
+from robkd.distill.trainer import (Trainer, TrainingDivergedError, TrainLog, nonfinite_tensors, remove_stale_temps,
+                                   resolve_device)
+from robkd.errors import OutputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ def _load_data(data: Any, data_dir: Any, val_fraction: float, seed: int, train_n
         raise UsageError("data must be a dataset name (e.g. fashion-mnist) or an ImageData")
     tr, va = train_val_split(full, val_fraction, seed)
     if train_n is not None:
+        _int(train_n, "train_n", 1)  # named as the option it is, before the subset is drawn
         tr = eval_subset(tr, train_n, seed)
     return full, tr, va, name, info
 
@@ -74,21 +77,102 @@ def _load(model: Any, role: str, **kw: Any):
     raise UsageError(f"{role} must be a path or a RobustModel, got {type(model).__name__}")
 
 
-def _run(student, teacher, teacher_src, *, cfg: TrainConfig, full, tr, va, name, info, out, state_path, log_path,
-         resume, show_progress, max_steps, extra_prov: Mapping[str, Any]) -> TrainResult:
+# ----------------------------------------------------------------------------- validation before training
+def _output_paths(out: Any, state_path: Any, log_path: Any, audit_out: Any = None) -> tuple[Path | None, Path | None, Path | None]:
+    """``(out, state, log)`` with the defaults ``OUT.state.pt`` / ``OUT.log.jsonl``, every one checked to be
+    writable (and ``audit_out`` to be a directory that can be created) before anything runs."""
+    out_p = Path(out) if out else None
+    state_p = Path(state_path) if state_path else (out_p.with_name(out_p.name + ".state.pt") if out_p else None)
+    log_p = Path(log_path) if log_path else (out_p.with_name(out_p.name + ".log.jsonl") if out_p else None)
+    files = ((out_p, "output checkpoint", "model.safetensors"), (state_p, "training-state file", "train.state.pt"),
+             (log_p, "log file", "train.log.jsonl"))
+    named = [(p, what) for p, what, _ in files if p is not None]
+    for p, what, example in files:
+        if p is not None and p.is_dir():
+            raise OutputError(f"the {what} {p} is a directory: give a file path (e.g. {p / example})")
+        if p is not None:
+            _check_parent(p, what)
+    if audit_out is not None:
+        a = Path(audit_out)
+        if a.exists() and not a.is_dir():
+            raise OutputError(f"the audit output directory {a} exists and is not a directory")
+        if a.is_dir() and not os.access(a, os.W_OK | os.X_OK):
+            raise OutputError(f"the audit output directory {a} is not writable")
+        _check_parent(a, "audit output directory")
+        named.append((a, "audit output directory"))
+    seen: dict[Path, str] = {}
+    for p, what in named:
+        key = p.resolve()
+        if key in seen:
+            raise OutputError(f"the {seen[key]} and the {what} are the same path {p}: give them different paths")
+        seen[key] = what
+    return out_p, state_p, log_p
+
+
+def _check_parent(path: Path, what: str) -> None:
+    """The nearest existing folder above ``path`` must be a writable directory (``path``'s folders are created)."""
+    anc = path.parent
+    while not os.path.lexists(anc) and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"cannot write the {what} {path}: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the {what} {path}: {anc} is not writable")
+
+
+def _unrebuildable(meta: Any) -> str | None:
+    """Why a model of ``meta`` cannot be rebuilt and saved as a robkd checkpoint (``None`` when it can)."""
+    arch = meta.arch
+    if not arch or arch in ("torchscript", "torch.export") or arch.startswith("pickle:"):
+        return f"its architecture {arch!r} cannot be rebuilt by name"
+    if meta.input_shape is None or meta.num_classes is None:
+        return "its input shape or number of classes is unknown"
+    return None
+
+
+def _check_audit_settings(kw: Mapping[str, Any], data: Any) -> None:
+    """Validate the audit options (radii, attack names, sample count, unknown keys) before any training."""
+    try:
+        from robkd.attacks import Suite
+        from robkd.auditing.config import AuditConfig
+        from robkd.auditing.gates import parse_gate
+    except ImportError:  # no audit engine: _run_audit says so
+        return
+    values = dict(kw)
+    attacks = values.pop("attacks", ["pgd-20"])
+    name = data if isinstance(data, str) else getattr(data, "name", None)
+    try:
+        cfg = AuditConfig.from_spec(None, data=name, attacks=[attacks] if isinstance(attacks, str) else list(attacks), **values)
+        Suite(list(cfg.attacks), cfg.norm, seed=cfg.seed, batch_size=cfg.batch_size, progress=False)
+        for g in cfg.gates:
+            parse_gate(g)
+    except UsageError as exc:
+        raise UsageError(f"bad audit setting: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- training and saving
+def _trainer(student, teacher, *, cfg: TrainConfig, tr, va, name, info, state_path, log_path, show_progress) -> Trainer:
+    """The :class:`Trainer`; its set-up checks the options, labels, weights and outputs of both models."""
+    return Trainer(student, cfg, tr, va, teacher, dataset=name, default_eps=info.default_eps if info else None,
+                   state_path=state_path, log_path=log_path, show_progress=show_progress)
+
+
+def _run(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | None, resume, max_steps,
+         extra_prov: Mapping[str, Any]) -> TrainResult:
     from robkd import __version__
+    from robkd.distributed import barrier, current
     from robkd.models import save_model
 
-    out_p = Path(out) if out else None
-    if state_path is None and out_p is not None:
-        state_path = out_p.with_name(out_p.name + ".state.pt")
-    if log_path is None and out_p is not None:
-        log_path = out_p.with_name(out_p.name + ".log.jsonl")
-    trainer = Trainer(student, cfg, tr, va, teacher, dataset=name, default_eps=info.default_eps if info else None,
-                      state_path=state_path, log_path=log_path, show_progress=show_progress)
+    student, teacher = trainer.student, trainer.teacher
+    if out_p is not None and current().is_main:
+        remove_stale_temps(out_p)  # left by a kill during an earlier save of this checkpoint
     tlog = trainer.fit(resume=resume, max_steps=max_steps)
     if not tlog.finished:
         return TrainResult(student, tlog, None)
+    bad = nonfinite_tensors(student)
+    if bad:  # the trainer stops on the first non-finite step; this keeps a NaN/inf model off the disk whatever happened
+        raise TrainingDivergedError(f"the trained model has non-finite weights ({', '.join(bad[:3])}): no model was saved; "
+                                    f"lower the learning rate (--lr) and train again")
     rc = trainer.config
     prov = {
         "method": rc.method,
@@ -115,8 +199,6 @@ def _run(student, teacher, teacher_src, *, cfg: TrainConfig, full, tr, va, name,
     student.meta.provenance = {}
     if student.meta.dataset is None:
         student.meta.dataset = name
-    from robkd.distributed import barrier, current
-
     if current().distributed:
         prov["world_size"] = current().world_size
     if out_p is not None:
@@ -162,15 +244,20 @@ def train(
 
     cfg = TrainConfig.from_dict({"method": method, "epochs": epochs, **hparams})
     resolve_device(cfg.device)  # an unavailable device fails before the data is loaded
+    out_p, state_p, log_p = _output_paths(out, state_path, log_path)
     full, tr, va, name, info = _load_data(data, data_dir, cfg.val_fraction, cfg.seed, cfg.train_n)
     t = _load(teacher, "teacher", dataset=full) if teacher is not None else None
     seed_everything(cfg.seed)
     mean = full.mean if full.mean is not None else None
     std = full.std if full.std is not None else None
-    student = build_model(arch, input_shape=full.input_shape, num_classes=info.num_classes if info and info.num_classes else full.num_classes,
-                          mean=mean, std=std, dataset=name, arch_kwargs=arch_kwargs)
-    return _run(student, t, teacher, cfg=cfg, full=full, tr=tr, va=va, name=name, info=info, out=out, state_path=state_path,
-                log_path=log_path, resume=resume, show_progress=show_progress, max_steps=max_steps,
+    # the classes: the dataset's when it declares them, else a teacher's, else max label + 1
+    k = (info.num_classes if info and info.num_classes else len(full.classes) if full.classes
+         else t.meta.num_classes if t is not None and t.meta.num_classes else full.num_classes)
+    student = build_model(arch, input_shape=full.input_shape, num_classes=k, mean=mean, std=std, dataset=name,
+                          arch_kwargs=arch_kwargs)
+    trainer = _trainer(student, t, cfg=cfg, tr=tr, va=va, name=name, info=info, state_path=state_p, log_path=log_p,
+                       show_progress=show_progress)
+    return _run(trainer, teacher, tr=tr, va=va, name=name, out_p=out_p, resume=resume, max_steps=max_steps,
                 extra_prov={"student_init": "scratch", "arch": arch})
 
 
@@ -222,6 +309,9 @@ def repair(
     dev = resolve_device(cfg.device)  # an unavailable device fails before the data is loaded
     akw = dict(audit_kwargs or {})
     akw.setdefault("device", str(dev))  # the audits run where the training did
+    out_p, state_p, log_p = _output_paths(out, state_path, log_path, audit_out if audit else None)
+    if audit:
+        _check_audit_settings(akw, data)
     full, tr, va, name, info = _load_data(data, data_dir, cfg.val_fraction, cfg.seed, cfg.train_n)
     t = _load(teacher, "teacher", dataset=full)
     seed_everything(cfg.seed)
@@ -239,19 +329,24 @@ def repair(
         s = _load(student, "student", **lk)
         init = {"from": str(student) if isinstance(student, (str, Path)) else "in-memory", "sha256": model_sha256(student)}
         if from_scratch:
-            if not s.meta.arch or s.meta.arch in ("torchscript", "torch.export") or s.meta.arch.startswith("pickle:"):
+            if _unrebuildable(s.meta):
                 raise UsageError(f"--from-scratch needs a student of a named architecture, not {s.meta.arch!r}")
             s = build_model(s.meta.arch, input_shape=s.meta.input_shape or full.input_shape, num_classes=s.meta.num_classes or full.num_classes,
                             mean=s.meta.mean, std=s.meta.std, dataset=s.meta.dataset or name, arch_kwargs=s.meta.arch_kwargs)
             init = {"re-initialised": init}
     check_compatible(t, s)
+    why = _unrebuildable(s.meta) if out_p is not None else None
+    if why:  # refused now, not after the training
+        raise UsageError(f"cannot save the repaired student to {out_p} as a robkd checkpoint: {why}; give the student "
+                         f"as a state_dict with --student-arch, or train a new one with --student-arch alone")
+    trainer = _trainer(s, t, cfg=cfg, tr=tr, va=va, name=name, info=info, state_path=state_p, log_path=log_p,
+                       show_progress=show_progress)
     before = None
     if audit and audit_before and student is not None:  # the pre-repair student, for the before/after comparison
         log.info("auditing the student before the repair")
         before = _run_audit(t, _load(student, "student", **dict(load_kwargs or {})) if from_scratch else s, data, data_dir,
                             dict(akw), None)
-    res = _run(s, t, teacher, cfg=cfg, full=full, tr=tr, va=va, name=name, info=info, out=out, state_path=state_path,
-               log_path=log_path, resume=resume, show_progress=show_progress, max_steps=max_steps,
+    res = _run(trainer, teacher, tr=tr, va=va, name=name, out_p=out_p, resume=resume, max_steps=max_steps,
                extra_prov={"student_init": init})
     if audit and res.log.finished:
         res.audit = _audit(t, res.model, data, data_dir, res.log, audit_out, dict(akw), before)

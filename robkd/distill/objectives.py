@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from robkd.distill import losses as L
-from robkd.errors import UsageError
+from robkd.errors import ModelRuntimeError, UsageError
 
 Objective = Callable[["StepContext", torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -95,13 +95,20 @@ class StepContext:
         return L.iga_term(g_s, g_t, self.config.iga_form), s_logits, t_logits
 
 
+def nonfinite_teacher(bad: int, n: int, where: str, what: str = "outputs") -> ModelRuntimeError:
+    """The error for a teacher whose ``what`` are NaN/inf on ``bad`` of ``n`` images (``where``): not distillable."""
+    return ModelRuntimeError(f"the teacher's {what} are non-finite (NaN/inf) on {bad} of {n} {where}: "
+                             f"a NaN/inf teacher cannot be distilled")
+
+
 class TeacherCache:
     """Teacher logits (and per-sample input gradients) on the clean, un-augmented training set.
 
     Filled once, in fixed chunks of the dataset order, so results do not depend
     on the batch order (a resumed run sees exactly the same values). The values
     are computed and held on ``device`` (default: the teacher's device); lookups
-    accept indices on any device.
+    accept indices on any device. A teacher whose logits or input gradients are
+    NaN/inf on any training sample is a :class:`robkd.errors.ModelRuntimeError`.
     """
 
     def __init__(self, teacher: torch.nn.Module, data, *, grads: bool, chunk: int = 256,
@@ -123,6 +130,12 @@ class TeacherCache:
             logits.append(lg.detach())
         self._logits = torch.cat(logits)
         self._grads = torch.cat(gs) if grads else None
+        bad = ~torch.isfinite(self._logits.flatten(1)).all(1)
+        if self._grads is not None:
+            bad |= ~torch.isfinite(self._grads.flatten(1)).all(1)
+        if bool(bad.any()):
+            raise nonfinite_teacher(int(bad.sum()), n, "training images",
+                                    "outputs or input gradients" if self._grads is not None else "outputs")
 
     @property
     def has_grads(self) -> bool:

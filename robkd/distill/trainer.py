@@ -1,5 +1,6 @@
 """The Trainer: SGD + a real LR schedule, augmentation, validation-based selection,
-atomic checkpoints with every RNG state, exact resume, progress bar and epoch log.
+atomic checkpoints with every RNG state, exact resume, progress bar and epoch log;
+checks before training (labels, weights and outputs of both models) and a stop on divergence.
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -19,8 +21,10 @@ import torch
 from robkd.data.core import ImageData
 from robkd.distill import objectives as O
 from robkd.distill.config import IGA_METHODS, TrainConfig
-from robkd.errors import DataError, IncompatibleModelsError, UsageError
-from robkd.utils.io import atomic_path, atomic_write_text
+from robkd.errors import (DataError, IncompatibleModelsError, ModelRuntimeError, RobkdError, TrainingDivergedError,
+                          UsageError)
+from robkd.utils.io import atomic_path, atomic_write_text, remove_stale_temps
+from robkd.utils.logits import correct, finite_rows
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,8 @@ class TrainLog:
     global_step: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Strict-JSON dict (a non-finite number becomes ``None``)."""
+        return finite_or_none(dataclasses.asdict(self))
 
 
 # ----------------------------------------------------------------------------- device
@@ -85,6 +90,93 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
+# ----------------------------------------------------------------------------- finiteness and input checks
+def _float_tensors(obj: "torch.nn.Module | Mapping[str, Any]") -> list[tuple[str, torch.Tensor]]:
+    """The floating tensors of a module (parameters, then buffers) or of a state_dict, by name."""
+    items = (list(obj.named_parameters()) + list(obj.named_buffers())) if isinstance(obj, torch.nn.Module) else list(obj.items())
+    return [(k, t) for k, t in items if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+
+
+def nonfinite_tensors(obj: "torch.nn.Module | Mapping[str, Any]") -> list[str]:
+    """Names of the tensors of a module or state_dict that hold NaN or +-inf (``[]`` when all are finite).
+
+    One device synchronisation when every tensor is finite (the per-step check of the trainer).
+    """
+    named = _float_tensors(obj)
+    if not named:
+        return []
+    flags = [torch.isfinite(t).all() for _, t in named]
+    if bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+        return []
+    return [k for (k, _), f in zip(named, flags) if not bool(f)]
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_finite_weights(model: torch.nn.Module, role: str, advice: str) -> None:
+    """A :class:`ModelRuntimeError` when ``model`` has a NaN/inf parameter or buffer."""
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise ModelRuntimeError(f"the {role} has non-finite weights (NaN/inf in {_names(bad)}): {advice}")
+
+
+def check_label_range(data: ImageData, num_classes: int | None, whose: str = "the model's") -> None:
+    """Every label of ``data`` must be a class of the model: in ``[0, num_classes)`` (only ``>= 0`` when unknown).
+
+    :class:`ImageData` already refuses labels outside the classes a dataset declares; this checks them against
+    the models being trained. Raises a one-line :class:`DataError` naming how many are out of range and the range.
+    """
+    y = data.y
+    if y.numel() == 0:
+        return
+    bad = (y < 0) if num_classes is None else ((y < 0) | (y >= num_classes))
+    n_bad = int(bad.sum())
+    if n_bad:
+        rng = "class indices >= 0" if num_classes is None else f"{whose} {num_classes} classes [0, {num_classes})"
+        raise DataError(f"{data.name}: {n_bad} of {len(y)} labels are outside {rng} (labels found: "
+                        f"{int(y.min())}..{int(y.max())})")
+
+
+def probe_outputs(model: torch.nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
+    """The logits of ``model`` on the CPU batch ``x`` (eval mode, no gradients), checked to be float ``(B, K)``.
+
+    A model that raises or returns anything else is a one-line :class:`ModelRuntimeError`.
+    """
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x.to(_model_device(model)))
+    except RobkdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model failed: one line, exit 2
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelRuntimeError(f"the {role} failed on a batch of {len(x)} training images ({type(exc).__name__}: {first})") from exc
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise ModelRuntimeError(f"the {role} returned {type(out).__name__}, not a tensor of logits")
+    if out.dim() != 2 or out.shape[0] != x.shape[0] or out.shape[1] < 1:
+        raise ModelRuntimeError(f"the {role} returned outputs of shape {list(out.shape)} for a batch of {x.shape[0]} "
+                                f"images: a classifier returns (batch, classes) logits")
+    if not out.is_floating_point():
+        raise ModelRuntimeError(f"the {role} returned {out.dtype} outputs: a classifier returns float logits")
+    return out
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` (nested dicts/lists) with every NaN/inf float replaced by ``None``, so that it is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 # ----------------------------------------------------------------------------- augmentation
 def resolve_augment(augment: str, dataset: str | None) -> str:
     """``auto`` -> ``crop-flip`` for CIFAR (pad 4 + horizontal flip), ``none`` otherwise (Fashion-MNIST, MNIST)."""
@@ -121,7 +213,8 @@ def evaluate_robust(model: torch.nn.Module, data: ImageData, *, norm: str, eps: 
                     seed: int = 0, batch_size: int = 256) -> tuple[float, float]:
     """(clean accuracy, PGD-``steps`` robust accuracy) of ``model`` on ``data`` (eval mode, fixed seed).
 
-    Runs on the model's device; the attack's random starts are drawn on the CPU.
+    Runs on the model's device; the attack's random starts are drawn on the CPU. An output row with
+    NaN/inf is never counted correct (:func:`robkd.utils.logits.correct`).
     """
     from robkd.attacks.pgd import projected_gradient_ascent
 
@@ -134,7 +227,7 @@ def evaluate_robust(model: torch.nn.Module, data: ImageData, *, norm: str, eps: 
         for x, y in data.batches(batch_size):
             x, y = x.to(dev), y.to(dev)
             with torch.no_grad():
-                ok = model(x).argmax(1) == y
+                ok = correct(model(x), y)
             clean += int(ok.sum())
             if steps > 0 and eps > 0:
                 x_adv = projected_gradient_ascent(
@@ -142,7 +235,7 @@ def evaluate_robust(model: torch.nn.Module, data: ImageData, *, norm: str, eps: 
                     x, norm=norm, eps=eps, steps=steps, step_size=step_size, random_start="uniform", generator=gen,
                 )
                 with torch.no_grad():
-                    ok = ok & (model(x_adv).argmax(1) == y)
+                    ok = ok & correct(model(x_adv), y)
             robust += int(ok.sum())
     finally:
         model.train(was)
@@ -209,7 +302,18 @@ class Trainer:
       state, the epoch's data order and position; :meth:`fit` with
       ``resume=True`` continues from it and, on CPU with the same seed, ends with
       the same weights as an uninterrupted run; it refuses other options, another
-      teacher (weights SHA-256) or another dataset name;
+      teacher (weights SHA-256) or another dataset name; it also refuses a state
+      holding NaN/inf weights, and deletes the temporary files a killed write of
+      the state or the log left beside them (on a fresh start too);
+    * before training (at construction): labels within the models' classes,
+      finite weights of student and teacher, float ``(B, K)`` outputs of both
+      on a first training batch with one class count, and finite teacher outputs
+      (:class:`robkd.errors.ModelRuntimeError`, :class:`robkd.errors.DataError`...);
+    * divergence: a NaN/inf loss (checked before its backward pass) or NaN/inf
+      student weights (after every optimizer step) stop training with
+      :class:`TrainingDivergedError` (or a ModelRuntimeError when the teacher's
+      outputs are the cause); no non-finite state is ever saved, the last good
+      training state stays on disk, and the epoch log stays strict JSON;
     * ``config.cache_teacher`` holds the effective value: whether the teacher
       cache is used (never for ``kdiga-arda``, whose teacher sees ``x_adv``);
     * the teacher is frozen: eval mode and ``requires_grad_(False)`` on its
@@ -258,6 +362,7 @@ class Trainer:
         self._check_data(student, train_data, "student")
         if teacher is not None:
             self._check_data(teacher, train_data, "teacher")
+        self._check_models(student, teacher, train_data, val_data, c.batch_size)
         self.student = student
         self.teacher = teacher
         self.train_data = train_data
@@ -293,8 +398,30 @@ class Trainer:
             return
         if meta.input_shape is not None and tuple(meta.input_shape) != tuple(data.input_shape):
             raise IncompatibleModelsError(f"the {role} takes inputs of shape {list(meta.input_shape)} but the data has {list(data.input_shape)}")
-        if meta.num_classes is not None and int(data.y.max()) >= meta.num_classes:
-            raise IncompatibleModelsError(f"the {role} has {meta.num_classes} classes but the data has label {int(data.y.max())}")
+
+    @staticmethod
+    def _check_models(student: torch.nn.Module, teacher: torch.nn.Module | None, train_data: ImageData,
+                      val_data: ImageData | None, batch_size: int) -> None:
+        """Before any training: finite weights, float ``(B, K)`` finite outputs of both models on a first batch
+        of training images, one class count for teacher and student, and every label in ``[0, K)``."""
+        datas = [train_data] + ([val_data] if val_data is not None else [])
+        meta_k = getattr(getattr(student, "meta", None), "num_classes", None)
+        for d in datas:  # negative labels (and labels beyond a known class count) before any model runs
+            check_label_range(d, meta_k, "the student's")
+        check_finite_weights(student, "student", "training cannot start from it (re-initialise it, e.g. --from-scratch)")
+        if teacher is not None:
+            check_finite_weights(teacher, "teacher", "a NaN/inf teacher cannot be distilled")
+        x = train_data.float_x(slice(0, min(len(train_data), batch_size, 64)))
+        k = int(probe_outputs(student, x, "student").shape[1])
+        if teacher is not None:
+            t_out = probe_outputs(teacher, x, "teacher")
+            bad = int((~finite_rows(t_out)).sum())
+            if bad:
+                raise O.nonfinite_teacher(bad, len(x), "training images")
+            if int(t_out.shape[1]) != k:
+                raise IncompatibleModelsError(f"the teacher returns {int(t_out.shape[1])} classes but the student returns {k}")
+        for d in datas:
+            check_label_range(d, k, "the models'")
 
     # ------------------------------------------------------------------ setup
     def _build_optim(self, steps_total: int):
@@ -375,11 +502,20 @@ class Trainer:
         epoch_time = 0.0
         best: dict[str, Any] = {"epoch": None, "robust": -1.0, "clean": -1.0, "state": {}}
         delta: torch.Tensor | None = None
+        saved: dict[str, Any] = {"at": None}  # (epoch, step) of the last training state written or resumed from
 
+        if dctx.is_main:  # a kill during an atomic write leaves its temporary file beside the target
+            for target in (self.state_path, self.log_path):
+                if target is not None:
+                    remove_stale_temps(target)
         if resume and self.state_path is not None and self.state_path.exists():
             st = load_train_state(self.state_path)  # global state: every rank reads the same file
             self._check_resume_identity(st)
             self._check_resume_config(st)
+            bad = nonfinite_tensors(st["model"]) + nonfinite_tensors(st["best"]["state"] or {})
+            if bad:
+                raise UsageError(f"cannot resume from {self.state_path}: it holds non-finite weights ({_names(bad)}), "
+                                 f"written by a run that diverged; start afresh without --resume (and a lower --lr)")
             self.student.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
@@ -391,6 +527,7 @@ class Trainer:
             records = json.loads(st["log"])
             best = {"epoch": st["best"]["epoch"], "robust": float(st["best"]["robust"]), "clean": float(st["best"]["clean"]), "state": st["best"]["state"]}
             delta = st["delta"].to(dev) if st["delta"].numel() else None
+            saved["at"] = (epoch, step)
             log.info("resuming %s from epoch %d, step %d (%s)", c.method, epoch + 1, step, self.state_path)
             if st.get("finished"):
                 self._finalise(best)
@@ -405,6 +542,38 @@ class Trainer:
         objective = None if c.method == "fast-ard" else O.get_objective(c.method)
         done_this_call = 0
         ident = self.identity() if self.state_path is not None else {}
+
+        def diverged(what: str) -> TrainingDivergedError:
+            """The error that ends a diverged run: where, what, what is kept, what to try."""
+            if self.state_path is not None and saved["at"] is not None:
+                e, s_ = saved["at"]
+                at = f"after epoch {e}" if s_ == 0 else f"at epoch {e + 1}, step {s_}"
+                kept = f"the last good training state ({at}) is kept in {self.state_path}"
+            else:
+                kept = "no training state was saved yet"
+            return TrainingDivergedError(
+                f"training diverged at epoch {epoch + 1}/{passes}, step {step + 1}/{nb}: {what}; no model was saved and "
+                f"{kept}; lower the learning rate (--lr, {opt.param_groups[0]['lr']:g} at this step) and train again")
+
+        def agreed(ok: bool) -> bool:
+            """``ok`` on every rank (one collective under torchrun, so that all ranks stop together)."""
+            return D.sum_across_ranks({"bad": 0.0 if ok else 1.0}, dctx)["bad"] == 0 if dctx.distributed else ok
+
+        def check_loss(loss: torch.Tensor, x: torch.Tensor, cidx: torch.Tensor | None) -> None:
+            """Before the backward pass: a NaN/inf loss stops training (blaming the teacher when its outputs are)."""
+            if agreed(bool(torch.isfinite(loss.detach()).all())):
+                return
+            if self.teacher is not None:
+                bad_t = int((~finite_rows(ctx.teacher_logits(x, cidx))).sum())
+                if bad_t:
+                    raise O.nonfinite_teacher(bad_t, len(x), f"images of epoch {epoch + 1}, step {step + 1}")
+            raise diverged(f"the {c.method} loss is {float(loss.detach().float().sum())}")
+
+        def check_weights() -> None:
+            """After the optimizer step: NaN/inf student weights stop training before anything saves them."""
+            bad = nonfinite_tensors(self.student)
+            if not agreed(not bad):
+                raise diverged(f"the student's weights became non-finite (NaN/inf in {_names(bad) or 'another process'})")
 
         def save(finished: bool = False) -> None:
             if self.state_path is None:
@@ -428,6 +597,7 @@ class Trainer:
             }
             with atomic_path(self.state_path) as tmp:
                 torch.save(state, str(tmp))
+            saved["at"] = (epoch, step)
 
         from robkd.utils.progress import progress_bar, rate_text
 
@@ -457,14 +627,16 @@ class Trainer:
                     x, y = x.to(dev), y.to(dev)
                     cidx = idx if cache is not None else None
                     if c.method == "fast-ard":
-                        delta, terms = self._fast_ard_batch(ctx, opt, x, y, cidx, delta)
+                        delta, terms = self._fast_ard_batch(ctx, opt, x, y, cidx, delta, check_loss, check_weights)
                     else:
                         loss, terms = objective(ctx, x, y, cidx)
+                        check_loss(loss, x, cidx)
                         if dctx.distributed:
                             loss = loss * scale
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
+                        check_weights()
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0.0) + v * weight
                     sums["_n"] = sums.get("_n", 0.0) + weight
@@ -525,8 +697,10 @@ class Trainer:
         barrier(dctx)  # the final checkpoint and log exist before any rank goes on
         return TrainLog(records, c.to_dict(), True, best["epoch"] if c.select == "val-robust" else len(records), global_step)
 
-    def _fast_ard_batch(self, ctx, opt, x, y, cidx, delta):
-        """m replays of one minibatch, the perturbation carried across replays and batches."""
+    def _fast_ard_batch(self, ctx, opt, x, y, cidx, delta, check_loss=None, check_weights=None):
+        """m replays of one minibatch, the perturbation carried across replays and batches.
+
+        ``check_loss(loss, x, cidx)`` runs before each backward pass and ``check_weights()`` after each step."""
         c = self.config
         b = x.shape[0]
         if delta is None or delta.shape[1:] != x.shape[1:] or delta.shape[0] < b:
@@ -540,10 +714,14 @@ class Trainer:
         t_logits = ctx.teacher_logits(x, cidx)  # clean x: the same in every replay
         for _ in range(c.replays):
             loss, terms, x_in = O.fast_ard_replay(ctx, x, y, cidx, d, t_logits)
+            if check_loss is not None:
+                check_loss(loss, x, cidx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             d = O.fast_ard_update_delta(ctx, x, x_in)
             opt.step()
+            if check_weights is not None:
+                check_weights()
             for k, v in terms.items():
                 agg[k] = agg.get(k, 0.0) + v / c.replays
         delta = delta.clone()
@@ -560,7 +738,8 @@ class Trainer:
 
         if self.log_path is None or not current().is_main:
             return
-        atomic_write_text(self.log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        atomic_write_text(self.log_path, "".join(json.dumps(finite_or_none(r), sort_keys=True, allow_nan=False) + "\n"
+                                                 for r in records))
 
     def _check_resume_identity(self, st: dict[str, Any]) -> None:
         """Refuse to resume a run of another teacher or dataset (UsageError naming both)."""

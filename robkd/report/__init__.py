@@ -12,10 +12,11 @@ from robkd.report.core import (
     SUPPORTED_SCHEMA_VERSIONS,
     ResultsError,
     build_blocks,
+    check_out_dir,
     check_schema,
     load_results,
     render,
     with_training_log,
 )
 
-__all__ = ["FORMATS", "SUPPORTED_SCHEMA_VERSIONS", "ResultsError", "build_blocks", "check_schema", "load_results", "render", "with_training_log"]
+__all__ = ["FORMATS", "SUPPORTED_SCHEMA_VERSIONS", "ResultsError", "build_blocks", "check_out_dir", "check_schema", "load_results", "render", "with_training_log"]

@@ -7,64 +7,40 @@ present and skipped when absent. See docs/results-schema.md for the layout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from robkd.errors import UsageError
+from robkd.errors import OutputError, UsageError
 from robkd.report import doc as D
+from robkd.report.escape import esc_text
+from robkd.utils.outdir import check_out_dir  # noqa: F401  (re-exported: robkd.report.check_out_dir)
+from robkd.report.schema import SUPPORTED_SCHEMA_VERSIONS, ResultsError, check_header, read_results  # noqa: F401 (re-exported)
 from robkd.report.svg import PALETTE, BarGroup, Series, bar_chart, line_chart
 
 log = logging.getLogger(__name__)
 
-#: results.json schema versions this renderer understands.
-SUPPORTED_SCHEMA_VERSIONS = ("1",)
 FORMATS = ("md", "html")
 TRAINING_LOG_FILE = "training_log.json"
 TEACHER_COLOR, STUDENT_COLOR, REPAIRED_COLOR = PALETTE[0], PALETTE[1], PALETTE[2]
 
 
-class ResultsError(UsageError):
-    """A results file is missing, not JSON, or of an unsupported schema version."""
-
-
 # ----------------------------------------------------------------------------- loading / validation
 def check_schema(result: Any, where: str = "results") -> dict[str, Any]:
-    """Raise :class:`ResultsError` unless ``result`` is a results dict of a supported schema version."""
-    if not isinstance(result, dict):
-        raise ResultsError(f"{where}: expected a JSON object, got {type(result).__name__}")
-    version = result.get("schema_version")
-    if version is None:
-        raise ResultsError(f"{where}: no 'schema_version' key: not a robkd results file")
-    if str(version) not in SUPPORTED_SCHEMA_VERSIONS:
-        raise ResultsError(
-            f"{where}: unsupported results schema_version {version!r}; this robkd renders "
-            f"{', '.join(SUPPORTED_SCHEMA_VERSIONS)} (re-run the audit, or use a matching robkd version)"
-        )
-    for key in ("teacher", "student"):
-        if not isinstance(result.get(key), dict):
-            raise ResultsError(f"{where}: missing or malformed {key!r} section")
-    return result
+    """Raise :class:`ResultsError` unless ``result`` is a results dict of a supported schema version
+    with teacher and student sections (the minimum :func:`render` needs; files are checked in full by
+    :func:`load_results`)."""
+    return check_header(result, where)
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    """Read and validate a results.json (a directory holding one is accepted too)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "results.json"
-    if not p.is_file():
-        raise ResultsError(f"results file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ResultsError(f"cannot read {p}: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ResultsError(f"{p} is not valid JSON: {exc}") from exc
-    return check_schema(data, str(p))
+    """Read a results.json (a directory holding one is accepted too) with the guarded JSON reader and
+    validate it against the results schema; :class:`ResultsError` names the first bad key path."""
+    return read_results(path)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -544,40 +520,70 @@ def render(result_dict: dict[str, Any], out_dir: str | Path, formats: Iterable[s
 
     A ``training_log.json`` already in ``out_dir`` (written by ``robkd repair``) is shown
     as the training section when the dict has no ``training`` key. Returns the written paths. ``result_dict`` is ``AuditResult.to_dict()`` (or a
-    loaded results.json); raises :class:`ResultsError` on an unknown schema version.
+    loaded results.json); raises :class:`ResultsError` on an unknown schema version, :class:`OutputError`
+    when ``out_dir`` cannot be written (checked before rendering; a write that fails midway removes the
+    files and folders this call created, and every file is written atomically).
     """
-    from robkd.utils.io import atomic_write_json, atomic_write_text
+    from robkd.utils.io import json_text
 
     fmts = [str(f).strip().lower() for f in formats]
     bad = [f for f in fmts if f not in FORMATS]
     if bad or not fmts:
         raise UsageError(f"unknown report format(s) {bad or fmts}: use {', '.join(FORMATS)}")
     check_schema(result_dict)
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     title, blocks = build_blocks(with_training_log(result_dict, out))
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    results_path = out / "results.json"
-    if not _same_json(results_path, result_dict):
-        atomic_write_json(results_path, result_dict)
-        written.append(results_path)
-    else:
-        written.append(results_path)
+    files: dict[str, str] = {}  # everything is rendered before the first byte is written
+    if not _same_json(out / "results.json", result_dict):
+        files["results.json"] = json_text(result_dict)
+    names = ["results.json"]
     if "md" in fmts:
         fig_paths: dict[str, str] = {}
         for b in blocks:
             if isinstance(b, D.Figure):
                 name = f"report-{b.stem}.svg"
-                atomic_write_text(out / name, b.svg + "\n")
+                files[name] = b.svg + "\n"
                 fig_paths[b.stem] = name
-                written.append(out / name)
-        atomic_write_text(out / "report.md", D.to_markdown(blocks, fig_paths))
-        written.append(out / "report.md")
+                names.append(name)
+        files["report.md"] = D.to_markdown(blocks, fig_paths)
+        names.append("report.md")
     if "html" in fmts:
-        atomic_write_text(out / "report.html", D.to_html(blocks, title=title))
-        written.append(out / "report.html")
-    log.debug("report files: %s", ", ".join(str(p) for p in written))
+        files["report.html"] = D.to_html(blocks, title=title)
+        names.append("report.html")
+    _write_files(out, files)
+    written = [out / n for n in names]
+    log.debug("report files: %s", ", ".join(esc_text(p, keep="") for p in written))
     return written
+
+
+def _write_files(out: Path, files: dict[str, str]) -> None:
+    """Write ``files`` (name -> text) into ``out`` atomically, one by one. On a failure (disk full, file-size
+    limit, a directory in the way) remove what this call created and raise :class:`OutputError`."""
+    from robkd.utils.io import atomic_write_text
+
+    made_dirs = [d for d in [out, *out.parents] if not os.path.lexists(d)][::-1]
+    created: list[Path] = []
+    target = out
+    try:
+        for target in made_dirs:
+            target.mkdir()
+            created.append(target)
+        for name, text in files.items():
+            target = out / name
+            existed = os.path.lexists(target)
+            atomic_write_text(target, text)
+            if not existed:
+                created.append(target)
+    except BaseException as exc:
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                if p.is_dir():
+                    p.rmdir()
+                else:
+                    p.unlink()
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {esc_text(target, keep='')}: {exc.strerror or exc}") from exc
+        raise
 
 
 def with_training_log(result: dict[str, Any], directory: str | Path) -> dict[str, Any]:
@@ -588,13 +594,15 @@ def with_training_log(result: dict[str, Any], directory: str | Path) -> dict[str
     """
     if result.get("training"):
         return result
+    from robkd.utils.io import read_json
+
     path = Path(directory) / TRAINING_LOG_FILE
     if not path.is_file():
         return result
     try:
-        log_dict = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s (%s)", path, exc)
+        log_dict = read_json(path, what="training log")
+    except ValueError as exc:
+        log.warning("ignoring the training log: %s", esc_text(exc, keep=""))
         return result
     if not isinstance(log_dict, (dict, list)):
         return result
@@ -602,9 +610,11 @@ def with_training_log(result: dict[str, Any], directory: str | Path) -> dict[str
 
 
 def _same_json(path: Path, obj: Any) -> bool:
+    from robkd.utils.io import read_json
+
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(obj))
-    except (OSError, ValueError):
+        return read_json(path) == json.loads(json.dumps(obj))
+    except ValueError:
         return False

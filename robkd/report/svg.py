@@ -3,7 +3,7 @@
 Two chart kinds cover the reports: :func:`line_chart` (polylines with markers,
 shaded confidence-band polygons, a legend) and :func:`bar_chart` (grouped bars
 with optional error whiskers). Both return a standalone ``<svg>`` string that
-can be written to a ``.svg`` file or inlined in HTML. All text is HTML-escaped.
+can be written to a ``.svg`` file or inlined in HTML. All text goes through ``esc_svg``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import hashlib
 import math
 from typing import Sequence
 
-from robkd.report.escape import esc_html
+from robkd.report.escape import esc_svg
 
 # colour-blind-safe palette (Okabe-Ito)
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
@@ -108,17 +108,17 @@ def _axes(f: _Frame, xticks: list[tuple[float, str]], yticks: list[tuple[float, 
     for v, lab in yticks:
         y = f.py(v)
         out.append(f'<line x1="{_fmt(f.x0)}" y1="{_fmt(y)}" x2="{_fmt(f.x1)}" y2="{_fmt(y)}" stroke="#e3e3e3" stroke-width="1"/>')
-        out.append(f'<text x="{_fmt(f.x0 - 6)}" y="{_fmt(y + 4)}" text-anchor="end" font-size="11" fill="#333333">{esc_html(lab)}</text>')
+        out.append(f'<text x="{_fmt(f.x0 - 6)}" y="{_fmt(y + 4)}" text-anchor="end" font-size="11" fill="#333333">{esc_svg(lab)}</text>')
     for v, lab in xticks:
         x = f.px(v)
         out.append(f'<line x1="{_fmt(x)}" y1="{_fmt(f.y0)}" x2="{_fmt(x)}" y2="{_fmt(f.y0 + 4)}" stroke="#888888" stroke-width="1"/>')
-        out.append(f'<text x="{_fmt(x)}" y="{_fmt(f.y0 + 17)}" text-anchor="middle" font-size="11" fill="#333333">{esc_html(lab)}</text>')
+        out.append(f'<text x="{_fmt(x)}" y="{_fmt(f.y0 + 17)}" text-anchor="middle" font-size="11" fill="#333333">{esc_svg(lab)}</text>')
     if xlabel:
-        out.append(f'<text x="{_fmt((f.x0 + f.x1) / 2)}" y="{_fmt(f.y0 + 34)}" text-anchor="middle" font-size="12" fill="#222222">{esc_html(xlabel)}</text>')
+        out.append(f'<text x="{_fmt((f.x0 + f.x1) / 2)}" y="{_fmt(f.y0 + 34)}" text-anchor="middle" font-size="12" fill="#222222">{esc_svg(xlabel)}</text>')
     if ylabel:
         cy = (f.y0 + f.y1) / 2
         out.append(f'<text x="14" y="{_fmt(cy)}" text-anchor="middle" font-size="12" fill="#222222" '
-                   f'transform="rotate(-90 14 {_fmt(cy)})">{esc_html(ylabel)}</text>')
+                   f'transform="rotate(-90 14 {_fmt(cy)})">{esc_svg(ylabel)}</text>')
     return out
 
 
@@ -136,7 +136,7 @@ def _legend(entries: list[tuple[str, str, str, str]], x0: float, y0: float, widt
         else:
             d = f' stroke-dasharray="{dash}"' if dash else ""
             out.append(f'<line x1="{_fmt(x)}" y1="{_fmt(y - 4)}" x2="{_fmt(x + 24)}" y2="{_fmt(y - 4)}" stroke="{color}" stroke-width="2.5"{d}/>')
-        out.append(f'<text x="{_fmt(x + 30)}" y="{_fmt(y)}" font-size="11" fill="#222222">{esc_html(name)}</text>')
+        out.append(f'<text x="{_fmt(x + 30)}" y="{_fmt(y)}" font-size="11" fill="#222222">{esc_svg(name)}</text>')
         x += w
     return out, (y - y0) + row_h if entries else 0.0
 
@@ -145,10 +145,10 @@ def _open(width: int, height: int, title: str, desc: str) -> list[str]:
     return [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" {FONT}>',
-        f"<title>{esc_html(title)}</title>",
-        f"<desc>{esc_html(desc or title)}</desc>",
+        f"<title>{esc_svg(title)}</title>",
+        f"<desc>{esc_svg(desc or title)}</desc>",
         f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
-        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="14" font-weight="bold" fill="#111111">{esc_html(title)}</text>',
+        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="14" font-weight="bold" fill="#111111">{esc_svg(title)}</text>',
     ]
 
 
@@ -215,7 +215,7 @@ def line_chart(series: Sequence[Series], *, title: str = "", xlabel: str = "", y
                     if s.lo is not None and s.hi is not None and _finite(s.lo[i]) and _finite(s.hi[i]):
                         tip += f" [{yfmt.format(float(s.lo[i]))}, {yfmt.format(float(s.hi[i]))}]"
                     out.append(f'<circle cx="{_fmt(f.px(float(x)))}" cy="{_fmt(f.py(float(y)))}" r="3" fill="{color}">'
-                               f"<title>{esc_html(tip)}</title></circle>")
+                               f"<title>{esc_svg(tip)}</title></circle>")
     out.append("</g>")
     legend, _ = _legend(entries, f.x0, f.y0 + 52, width - f.x0 - 16)
     out += legend
@@ -291,7 +291,7 @@ def bar_chart(categories: Sequence[str], groups: Sequence[BarGroup], *, title: s
             top, h = min(y, base), abs(base - y)
             tip = f"{g.name} / {categories[j]}: {yfmt.format(float(v))}"
             out.append(f'<rect x="{_fmt(x)}" y="{_fmt(top)}" width="{_fmt(bw * 0.92)}" height="{_fmt(h)}" fill="{color}">'
-                       f"<title>{esc_html(tip)}</title></rect>")
+                       f"<title>{esc_svg(tip)}</title></rect>")
             if g.err is not None and _finite(g.err[j]) and float(g.err[j]) > 0:
                 e = float(g.err[j])
                 lo_v, hi_v = float(v) - e, float(v) + e
