@@ -484,16 +484,10 @@ def _resolve_model(cfg: AuditConfig, role: str, given: nn.Module | None, data: A
 
 
 def weights_sha256(model: nn.Module) -> str:
-    """SHA-256 over the model's state_dict (names, dtypes, shapes and bytes), order-independent of storage."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """The model's identity hash (:func:`robkd.models.identity.model_sha256`)."""
+    from robkd.models.identity import model_sha256
+
+    return model_sha256(model)
 
 
 def _check_model_data(role: str, model: nn.Module, data: Any, *, needs_grad: bool = True) -> None:

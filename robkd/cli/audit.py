@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     """Parse settings, run the audit (under torchrun with ``--launcher torchrun``), print the summary, return the exit code."""
     import os
 
-    from robkd.errors import RobkdError, UsageError
+    from robkd.errors import UsageError
 
     launcher = getattr(args, "launcher", "none") or "none"
     nproc = getattr(args, "nproc_per_node", None)
@@ -131,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0") or 0)
     try:
         code = _run(args)
-    except RobkdError as exc:
-        report_failure(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - every failure's documented code reaches the launcher
+        from robkd.cli.main import describe_failure
+
+        report_failure(describe_failure(exc)[1])
         raise
     return report_exit(code, rank=rank)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from robkd.errors import UsageError
+from robkd.errors import RobkdError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -87,22 +88,67 @@ def torchrun_command(command_argv: Sequence[str], nproc: int, *, port: int | Non
 def relaunch(argv: Sequence[str], nproc: int, *, env: dict[str, str] | None = None) -> int:
     """Run the robkd command ``argv`` (without ``robkd``) under torchrun; returns its exit code.
 
-    ``argv`` may still contain ``--launcher``/``--nproc-per-node`` (they are removed).
+    ``argv`` may still contain ``--launcher``/``--nproc-per-node`` (they are removed). Without ``--debug``
+    the workers' output passes through, each distinct error line once, and torchrun's own failure report
+    (a launcher traceback and a ChildFailedError summary, 40+ lines) is dropped: the failing rank has
+    printed its one line and recorded its exit code.
     """
+    debug = "--debug" in argv
     cmd = torchrun_command(strip_launcher_args(argv), nproc)
     with tempfile.TemporaryDirectory(prefix="robkd-launch-") as tmp:
         exit_file = Path(tmp) / "exit_code"
         child_env = dict(os.environ if env is None else env)
         child_env[EXIT_FILE_ENV] = str(exit_file)
         child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        log.info("launching %d processes: %s", nproc, " ".join(cmd))
-        rc = subprocess.call(cmd, env=child_env)
+        log.debug("launching %d processes: %s", nproc, " ".join(cmd))
+        if debug:
+            rc = subprocess.call(cmd, env=child_env)
+        else:
+            proc = subprocess.Popen(cmd, env=child_env, stderr=subprocess.PIPE, text=True, errors="replace")
+            filt = _StderrFilter()
+            for line in proc.stderr or ():
+                if filt.keep(line):
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+            rc = proc.wait()
         if exit_file.is_file():  # rank 0's code on success, a failing rank's (e.g. 2, bad input) otherwise
             try:
                 return int(exit_file.read_text(encoding="utf-8").strip() or 0)
             except ValueError:
-                return 1
-        return rc
+                pass
+        if rc == 0:
+            return 0
+        # torchrun failed before any worker reported (a port, a crash of the launcher): never exit 1
+        raise LaunchError(f"torchrun exited with code {rc} before the robkd processes reported a result "
+                          "(rerun with --debug to see its output)")
+
+
+class LaunchError(RobkdError):
+    """torchrun itself failed (no worker recorded an exit code)."""
+
+
+class _StderrFilter:
+    """Which lines of a torchrun job's stderr to show: not torchrun's failure report, each error line once."""
+
+    _GLOG = re.compile(r"^[EWI]\d{4} \d\d:\d\d:\d\d")
+
+    def __init__(self) -> None:
+        self.dropping = False
+        self.errors: set[str] = set()
+
+    def keep(self, line: str) -> bool:
+        if self.dropping:
+            return False
+        if line.startswith("Traceback (most recent call last)") or "ChildFailedError" in line:
+            self.dropping = True  # torchrun's launcher traceback and summary run to the end of its output
+            return False
+        if self._GLOG.match(line):
+            return False
+        if ": error: " in line and line.startswith("robkd"):
+            if line in self.errors:
+                return False
+            self.errors.add(line)
+        return True
 
 
 def report_failure(code: int) -> None:
