@@ -1,10 +1,12 @@
-"""Shared enums and small dataclasses: threat models, radii parsing, model metadata."""
+"""Shared enums and small dataclasses: threat models, radii parsing, model metadata and its bounds."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
 import math
+import numbers
+import reprlib
 from fractions import Fraction
 from typing import Any
 
@@ -136,15 +138,123 @@ class ModelMeta:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelMeta":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        """Inverse of :meth:`to_dict`; unknown keys and values of the wrong type or range are an error
+        (:class:`UsageError` naming the field)."""
+        if not isinstance(d, dict):
+            raise UsageError(f"model metadata must be a mapping, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
-            raise UsageError(f"unknown model metadata keys: {sorted(unknown)}")
+            raise UsageError(f"unknown model metadata keys: {sorted(map(str, unknown))[:8]}")
         d = dict(d)
-        if d.get("input_shape") is not None:
-            d["input_shape"] = tuple(int(v) for v in d["input_shape"])
-        for k in ("mean", "std"):
+        for k in ("input_shape", "mean", "std"):
             if d.get(k) is not None:
-                d[k] = tuple(float(v) for v in d[k])
-        return cls(**d)
+                if not isinstance(d[k], (list, tuple)):
+                    raise UsageError(f"model metadata {k} must be a list, got {type(d[k]).__name__}")
+                d[k] = tuple(d[k])
+        for k in ("arch_kwargs", "provenance", "source"):  # JSON null: the field's empty default
+            if k in d and d[k] is None:
+                del d[k]
+        return cls(**d).validate()
+
+    def validate(self) -> "ModelMeta":
+        """Check every field's type and range (see the ``MAX_*`` bounds); returns ``self``.
+
+        Raises :class:`UsageError` naming the field: metadata read from a file can say anything."""
+        if self.arch is not None and (not isinstance(self.arch, str) or not self.arch.strip() or len(self.arch) > 300):
+            raise UsageError(f"model metadata arch must be a non-empty name, got {short_repr(self.arch)}")
+        for name in ("arch_kwargs", "provenance", "source"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise UsageError(f"model metadata {name} must be a mapping with string keys, got {short_repr(value)}")
+            if nesting_depth(value) > MAX_META_DEPTH:
+                raise UsageError(f"model metadata {name} is nested more than {MAX_META_DEPTH} levels deep")
+        if self.num_classes is not None:
+            self.num_classes = check_num_classes(self.num_classes, "model metadata num_classes")
+        if self.input_shape is not None:
+            self.input_shape = check_input_shape(self.input_shape, "model metadata input_shape")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not 1 <= len(value) <= MAX_CHANNELS or not all(_is_number(v) and math.isfinite(v) for v in value):
+                raise UsageError(f"model metadata {name} must be 1 to {MAX_CHANNELS} finite numbers, got {short_repr(value)}")
+            setattr(self, name, tuple(float(v) for v in value))
+        if self.std is not None and min(self.std) <= 0:
+            raise UsageError(f"model metadata std must be > 0, got {short_repr(self.std)}")
+        if self.dataset is not None and not isinstance(self.dataset, str):
+            raise UsageError(f"model metadata dataset must be a name, got {short_repr(self.dataset)}")
+        if self.class_names is not None:
+            names = self.class_names
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+                raise UsageError(f"model metadata class_names must be a list of strings, got {short_repr(names)}")
+            if self.num_classes is not None and len(names) != self.num_classes:
+                raise UsageError(f"model metadata has {len(names)} class_names but num_classes = {self.num_classes}")
+            self.class_names = list(names)
+        return self
+
+
+MAX_CLASSES = 1_000_000
+"""Most classes a model may declare."""
+MAX_CHANNELS = 4096
+"""Most input channels (and mean/std entries)."""
+MAX_INPUT_ELEMENTS = 2**26
+"""Most values in one input image (C*H*W; 3x4096x4096 fits)."""
+MAX_META_DEPTH = 32
+"""Deepest nesting of model metadata mappings (provenance, arch_kwargs)."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
+def short_repr(value: Any) -> str:
+    """A bounded ``repr`` for error messages: safe on values nested arbitrarily deep, huge or odd."""
+    try:
+        return _SHORT.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int too long to print
+        return f"<{type(value).__name__}>"
+
+
+
+def check_num_classes(value: Any, what: str = "num_classes") -> int:
+    """``value`` as a number of classes in ``[1, MAX_CLASSES]``; :class:`UsageError` otherwise."""
+    if not _is_int(value) or not 1 <= value <= MAX_CLASSES:
+        raise UsageError(f"{what} must be an integer from 1 to {MAX_CLASSES:,}, got {short_repr(value)}")
+    return int(value)
+
+
+def check_input_shape(value: Any, what: str = "input shape") -> tuple[int, int, int]:
+    """``value`` as a ``(C, H, W)`` tuple of positive ints within the ``MAX_*`` bounds; :class:`UsageError` otherwise."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_int(v) and v >= 1 for v in value):
+        raise UsageError(f"{what} must be three positive integers C,H,W, got {short_repr(value)}")
+    c, h, w = (int(v) for v in value)
+    if c > MAX_CHANNELS or c * h * w > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"{what} {[c, h, w]} is too large: at most {MAX_CHANNELS} channels and "
+                         f"{MAX_INPUT_ELEMENTS:,} values per image")
+    return c, h, w
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply dicts and lists nest in ``value`` (0 for a scalar), computed without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, (list, tuple)):
+            deepest = max(deepest, depth + 1)
+            if depth + 1 <= MAX_META_DEPTH:  # deeper is refused anyway: stop walking
+                stack.extend((v, depth + 1) for v in item)
+            else:
+                return depth + 1
+    return deepest

@@ -1,12 +1,13 @@
 """Datasets as in-memory tensors in [0,1]: readers for IDX, CIFAR, ImageFolder and arrays;
 seeded evaluation subsets; train/validation splits; the bundled Fashion-MNIST slice."""
 
-from robkd.data.core import ImageData, check_pixel_range, eval_subset, train_val_split
+from robkd.data.core import ImageData, check_labels, check_pixel_range, eval_subset, train_val_split
 from robkd.data.registry import DATASETS, dataset_info, find_data_locations, load_dataset
 
 __all__ = [
     "DATASETS",
     "ImageData",
+    "check_labels",
     "check_pixel_range",
     "dataset_info",
     "eval_subset",

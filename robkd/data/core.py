@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import torch
@@ -27,13 +28,22 @@ class ImageData:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        """Every dataset passes here: images, labels and class names are checked once (:class:`DataError`)."""
+        if not isinstance(self.x, torch.Tensor) or not isinstance(self.y, torch.Tensor):
+            raise DataError(f"{self.name}: images and labels must be tensors, got {type(self.x).__name__} and "
+                            f"{type(self.y).__name__}")
         if self.x.dim() == 3:  # N,H,W grayscale
             self.x = self.x.unsqueeze(1)
-        if self.x.dim() != 4:
+        if self.x.dim() != 4 or min(self.x.shape[1:]) < 1:
             raise DataError(f"{self.name}: images must be N,C,H,W (or N,H,W), got shape {list(self.x.shape)}")
         if self.y.dim() != 1 or self.y.shape[0] != self.x.shape[0]:
-            raise DataError(f"{self.name}: {self.x.shape[0]} images but labels of shape {list(self.y.shape)}")
-        self.y = self.y.long()
+            raise DataError(f"{self.name}: {self.x.shape[0]} images but labels of shape {list(self.y.shape)} "
+                            f"(want one class index per image)")
+        if self.classes is not None:
+            if not isinstance(self.classes, (list, tuple)) or not all(isinstance(c, str) for c in self.classes):
+                raise DataError(f"{self.name}: class names must be a list of strings")
+            self.classes = list(self.classes)
+        self.y = check_labels(self.y, self.name, len(self.classes) if self.classes else None)
         if self.indices is None:
             self.indices = torch.arange(self.x.shape[0])
         check_pixel_range(self.x, self.name)
@@ -70,15 +80,46 @@ class ImageData:
             yield self.float_x(slice(s, s + batch_size)), self.y[s : s + batch_size]
 
 
+def check_labels(y: torch.Tensor, name: str = "data", num_classes: int | None = None) -> torch.Tensor:
+    """Labels as int64 class indices in ``[0, num_classes)`` (``num_classes`` when the dataset declares it).
+
+    Integer labels are kept. Float labels are accepted only when every value is a whole number (``3.0``)
+    and are then cast; ``2.5``, NaN or infinity is a :class:`DataError`, as are bool or complex labels,
+    negative labels and labels past the declared classes.
+    """
+    if y.dtype == torch.bool or y.dtype.is_complex:
+        raise DataError(f"{name}: labels must be integer class indices, got {y.dtype}")
+    if y.dtype.is_floating_point:
+        bad = ~torch.isfinite(y) | (y != torch.round(y))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise DataError(f"{name}: labels must be integer class indices, got {float(y[i])!r} at index {i}")
+        if y.numel() and float(y.abs().max()) > 2**53:
+            raise DataError(f"{name}: labels up to {float(y.abs().max()):.3g} are not class indices")
+    y = y.long()
+    if y.numel() == 0:
+        return y
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        i = int((y < 0).nonzero()[0, 0])
+        raise DataError(f"{name}: labels must be >= 0, got {int(y[i])} at index {i}")
+    if num_classes is not None and hi >= num_classes:
+        i = int((y >= num_classes).nonzero()[0, 0])
+        raise DataError(f"{name}: label {int(y[i])} at index {i} is out of range: the dataset declares "
+                        f"{num_classes} classes (labels 0..{num_classes - 1})")
+    return y
+
+
 def check_pixel_range(x: torch.Tensor, name: str = "data") -> None:
-    """Reject float data outside [0,1] (typically already normalised) with the fix."""
+    """Reject float data outside [0,1] (typically already normalised) with the fix, and NaN or infinite pixels."""
     if x.dtype == torch.uint8 or x.numel() == 0:
         return
     if not torch.is_floating_point(x):
         raise DataError(f"{name}: images must be uint8 (0..255) or float in [0,1], got {x.dtype}")
-    lo, hi = float(x.min()), float(x.max())
-    if lo != lo or hi != hi:
-        raise DataError(f"{name}: images contain NaN")
+    lo, hi = float(x.min()), float(x.max())  # NaN and infinities show up in these
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        n = int((~torch.isfinite(x)).sum())
+        raise DataError(f"{name}: images contain {n} NaN or infinite pixel value(s)")
     if lo < 0.0 or hi > 1.0:
         raise DataError(
             f"{name}: pixel values span [{lo:.3g}, {hi:.3g}], outside [0,1]: the data looks normalised already. "

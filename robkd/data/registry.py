@@ -139,7 +139,7 @@ def _read_cifar_dir(kind: str, d: Path, split: str) -> ImageData | None:
         bn = ["data_batch_%d.bin" % i for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
         if all((d / f).exists() for f in py):
             x, y = formats.read_cifar_python(d, py, "labels")
-            names = formats.read_meta_names(d / "batches.meta", "label_names") or CIFAR10_CLASSES
+            names = formats.read_meta_names(d / "batches.meta", "label_names", 10) or CIFAR10_CLASSES
             return ImageData(x, y, name="cifar10", classes=names)
         if all((d / f).exists() for f in bn):
             x, y = formats.read_cifar_binary(d, bn, 1, 0)
@@ -149,7 +149,7 @@ def _read_cifar_dir(kind: str, d: Path, split: str) -> ImageData | None:
     bn = [f"{split}.bin"]
     if all((d / f).is_file() for f in py):
         x, y = formats.read_cifar_python(d, py, "fine_labels")
-        names = formats.read_meta_names(d / "meta", "fine_label_names")
+        names = formats.read_meta_names(d / "meta", "fine_label_names", 100)
         return ImageData(x, y, name="cifar100", classes=names or [str(i) for i in range(100)])
     if all((d / f).exists() for f in bn):
         # CIFAR-100 binary: <coarse label><fine label><3072 pixels>
@@ -242,13 +242,20 @@ def load_dataset(
         raise UsageError(f"unknown split {split!r}: use train, test (or val for ImageFolder trees)")
     if not name:
         raise UsageError("no dataset given: use --data NAME or a .npz/.pt file")
+    if img_size is not None and (not isinstance(img_size, int) or isinstance(img_size, bool) or not 1 <= img_size <= 4096):
+        raise UsageError(f"--img-size must be an integer from 1 to 4096, got {img_size!r}")
     path = Path(name)
-    if path.suffix in (".npz", ".pt", ".pth") or path.is_file():
-        if not path.exists():
-            raise DataError(f"dataset file not found: {path}")
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except (OSError, ValueError) as exc:  # a name too long for the filesystem, a NUL byte...
+        raise DataError(f"cannot use {str(name)[:80]!r} as a dataset: {exc.__class__.__name__}: "
+                        f"{getattr(exc, 'strerror', None) or exc}") from exc
+    if path.suffix in (".npz", ".pt", ".pth") or is_file:
+        if not is_file:
+            raise DataError(f"dataset file not found: {path}" if not is_dir else f"dataset file {path} is a directory")
         x, y = formats.read_arrays(path)
         return ImageData(x, y, name=path.name)
-    if path.is_dir() and name not in DATASETS:
+    if is_dir and name not in DATASETS:
         x, y, classes = formats.read_imagefolder(_imagefolder_root(path, split), img_size=img_size)
         return ImageData(x, y, name=path.name, classes=classes)
     info = dataset_info(name)

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from robkd.errors import IncompatibleModelsError, ModelLoadError, RobkdError, UsageError
-from robkd.models.registry import create_model
+from robkd.models.registry import create_model, split_arch
 from robkd.models.wrapper import RobustModel
-from robkd.types import ModelMeta
+from robkd.types import ModelMeta, short_repr as _clip
 from robkd.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def detect_format(path: str | Path) -> str:
         # safetensors first: its little-endian header length may start with byte 0x80
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= 100_000_000 and head[8:9] == b"{":
-            meta = _read_safetensors_metadata(p)
+            meta, _ = _safetensors_header(p)
             return "robkd" if "robkd" in meta else "safetensors"
     if head[:1] == b"\x80" or head[:2] == b"\x8a\x0a":  # legacy (non-zip) torch.save pickle
         return "torch"
@@ -81,14 +81,57 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def _read_safetensors_metadata(path: Path) -> dict[str, str]:
+_Spec = tuple[tuple[int, ...], str]
+"""A stored tensor as ``(shape, kind)``; kind is ``float``, ``int``, ``bool``, ``complex`` or ``other``."""
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, _Spec]]:
+    """``(metadata, {name: (shape, kind)})`` of a safetensors file, read without loading any tensor.
+
+    The one place a safetensors header is parsed: the safetensors library validates it (JSON depth,
+    ``__metadata__`` a mapping of strings, dtypes, shapes and offsets against the file size), and
+    anything it refuses is one :class:`ModelLoadError`."""
+    from safetensors import safe_open
+
     try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, struct.error) as exc:
-        raise ModelLoadError(f"corrupt safetensors header in {path}: {exc}") from exc
-    return header.get("__metadata__", {}) or {}
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            table = {}
+            for name in fh.keys():
+                sl = fh.get_slice(name)
+                table[name] = (tuple(int(v) for v in sl.get_shape()), _safetensors_kind(sl.get_dtype()))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ... on a hostile header
+        raise ModelLoadError(f"corrupt safetensors header in {path}: {_first_line(exc)}") from exc
+    return dict(meta), table
+
+
+def _safetensors_kind(dtype: str) -> str:
+    d = str(dtype).upper()
+    if d == "BOOL":
+        return "bool"
+    if d.startswith(("F", "BF")):
+        return "float"
+    if d.startswith(("I", "U")):
+        return "int"
+    return "complex" if d.startswith("C") else "other"
+
+
+def _tensor_kind(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    if t.dtype.is_floating_point:
+        return "float"
+    return "complex" if t.dtype.is_complex else "int"
+
+
+def _specs(state: Mapping[str, torch.Tensor]) -> dict[str, _Spec]:
+    return {k: (tuple(int(v) for v in t.shape), _tensor_kind(t)) for k, t in state.items()}
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name when empty), shortened."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- loading
@@ -124,12 +167,11 @@ def load_model(
         arch=arch,
         arch_kwargs=dict(arch_kwargs or {}),
         num_classes=num_classes,
-        input_shape=tuple(int(v) for v in input_shape) if input_shape else None,
+        input_shape=tuple(input_shape) if input_shape is not None else None,
         mean=tuple(mean) if mean is not None else None,
         std=tuple(std) if std is not None else None,
     )
-    if flags.input_shape is not None and len(flags.input_shape) != 3:
-        raise UsageError(f"input shape must be C,H,W, got {list(flags.input_shape)}")
+    flags.validate()  # UsageError naming the bad value (bounds in robkd.types)
     loader = _LOADERS[fmt]
     if fmt in ("safetensors", "torch"):  # weights only: the data may say what the architecture needs
         shape, classes = _data_hints(dataset)
@@ -142,8 +184,8 @@ def load_model(
     model = RobustModel(net, meta)
     model.to(device)
     model.eval()
-    if meta.num_classes is None and meta.input_shape is not None:
-        meta.num_classes = infer_num_classes(model, meta.input_shape)
+    if meta.input_shape is not None:
+        _check_outputs(model)
     return model
 
 
@@ -157,7 +199,7 @@ def _data_hints(dataset: Any) -> tuple[tuple[int, int, int] | None, int | None]:
         info = dataset_info(dataset)
         if info is None:
             raise UsageError(f"unknown dataset {dataset!r} for the model's input shape: pass input_shape=(C, H, W)")
-        return tuple(info.input_shape), int(info.num_classes)
+        return tuple(info.input_shape), (int(info.num_classes) or None)
     shape, classes = getattr(dataset, "input_shape", None), getattr(dataset, "num_classes", None)
     if shape is None:
         raise UsageError(f"dataset must be a dataset name or robkd ImageData, got {type(dataset).__name__}")
@@ -192,15 +234,33 @@ def _show(v: Any) -> str:
 
 
 def infer_num_classes(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Number of logits from one forward pass on a zero image."""
+    """Number of logits from one forward pass on two zero images; :class:`ModelLoadError` unless the
+    model returns floating-point ``(2, classes)`` logits."""
     try:
         with torch.no_grad():
-            out = model(torch.zeros(1, *input_shape, device=_first_device(model)))
+            out = model(torch.zeros(2, *input_shape, device=_first_device(model)))
     except Exception as exc:  # user models fail in many ways
-        raise ModelLoadError(f"model does not accept inputs of shape {list(input_shape)}: {exc}") from exc
-    if out.dim() != 2:
-        raise ModelLoadError(f"model output has shape {list(out.shape)}; expected (batch, classes) logits")
+        raise ModelLoadError(f"model does not accept inputs of shape {list(input_shape)}: {_first_line(exc)}") from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelLoadError(f"model output for a batch of 2 images has shape {got}; expected (batch, classes) logits")
+    if not out.dtype.is_floating_point:
+        raise ModelLoadError(f"model returns {out.dtype} outputs; expected floating-point logits")
     return int(out.shape[1])
+
+
+def _check_outputs(model: RobustModel) -> None:
+    """Probe the model once at its input shape: its output width must be the number of classes its
+    metadata declares (filled in when it declares none)."""
+    meta = model.meta
+    k = infer_num_classes(model, meta.input_shape)
+    if k < 1:
+        raise ModelLoadError("model returns zero logits per image")
+    if meta.num_classes is None:
+        meta.num_classes = k
+    elif meta.num_classes != k:
+        raise ModelLoadError(f"model metadata says {meta.num_classes} classes but the model outputs {k} logits "
+                             f"for inputs of shape {list(meta.input_shape)}")
 
 
 def _first_device(model: nn.Module) -> torch.device:
@@ -214,7 +274,71 @@ def _is_user_arch(arch: str | None) -> bool:
     return bool(arch) and str(arch).split(":", 1)[0] not in ("robkd", "timm")
 
 
-def _build_arch(meta: ModelMeta) -> nn.Module:
+MAX_ELEMENTS = 2**32
+"""Most parameter and buffer values of a model robkd builds from an architecture name (16 GiB as float32)."""
+MAX_TENSORS = 20_000
+"""Most parameter and buffer tensors of such a model (the largest timm models have a few thousand)."""
+MAX_MODULES = 50_000
+"""Most submodule registrations while building such a model."""
+
+
+class _TooLarge(ModelLoadError):
+    """An architecture's arguments ask for more than :data:`MAX_ELEMENTS` values, :data:`MAX_TENSORS` tensors
+    or :data:`MAX_MODULES` modules."""
+
+
+def _size(n: int) -> str:
+    """``n`` values and their float32 size, e.g. ``1.1e+12 values (4.4 TB as float32)``."""
+    nbytes, unit = 4.0 * n, "B"
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
+        if nbytes < 1000 or unit == "EB":
+            break
+        nbytes /= 1000
+    return f"{n:.3g} values ({nbytes:.3g} {unit} as float32)"
+
+
+@contextlib.contextmanager
+def _size_guard(what: str, *, values: bool = True):
+    """Count the parameters, buffers and submodules registered while building ``what``; past
+    :data:`MAX_TENSORS` or :data:`MAX_MODULES` (and :data:`MAX_ELEMENTS` values, with ``values``) raise
+    :class:`_TooLarge` at once (a layer's tensor is registered before it is initialised, so nothing that
+    large is ever touched). On the ``meta`` device values cost nothing: count them all, then report the size."""
+    from torch.nn.modules import module as mod
+
+    seen = {"values": 0, "tensors": 0, "modules": 0}
+    limits = {"values": MAX_ELEMENTS if values else float("inf"), "tensors": MAX_TENSORS, "modules": MAX_MODULES}
+
+    def count(key: str, n: int) -> None:
+        seen[key] += n
+        if seen[key] > limits[key]:
+            amount = _size(limits[key]) if key == "values" else f"{limits[key]:,} {key}"
+            raise _TooLarge(f"{what} would hold more than {amount}, the most robkd builds: the "
+                            f"architecture's arguments are absurd or the file's metadata is corrupt")
+
+    def on_tensor(module: nn.Module, name: str, t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            count("tensors", 1)
+            count("values", int(t.numel()))
+
+    def on_module(module: nn.Module, name: str, sub: Any) -> None:
+        count("modules", 1)
+
+    handles = [mod.register_module_parameter_registration_hook(on_tensor),
+               mod.register_module_buffer_registration_hook(on_tensor),
+               mod.register_module_module_registration_hook(on_module)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _build_arch(meta: ModelMeta, weights: Mapping[str, _Spec] | None = None, source: str = "the file") -> nn.Module:
+    """Build ``meta.arch`` (random weights). Its size is checked before anything is allocated: the
+    architecture is first built on the ``meta`` device, refused past :data:`MAX_ELEMENTS`, and compared
+    with ``weights`` (the file's tensor names, shapes and kinds) when given. User code
+    (``module.path:Factory``) or a timm model that cannot run on the meta device is built directly,
+    under a guard that stops at the first tensor past the limits."""
     if not meta.arch:
         raise ModelLoadError(
             "this file holds only weights (a state_dict): name the architecture with --arch "
@@ -226,10 +350,47 @@ def _build_arch(meta: ModelMeta) -> nn.Module:
         raise ModelLoadError(f"bad architecture metadata: input shape {list(meta.input_shape)} (want C,H,W), "
                              f"arch_kwargs {meta.arch_kwargs!r} (want a mapping)")
     c, h, _ = meta.input_shape
+    kwargs: dict[str, Any] = dict(num_classes=meta.num_classes or 10, in_chans=c, img_size=h)
+    clash = sorted(set(kwargs) & set(meta.arch_kwargs))
+    if clash:
+        raise ModelLoadError(f"arch_kwargs of {meta.arch} must not set {clash}: they come from the model's metadata")
+    kwargs.update(meta.arch_kwargs)
+    what = f"{meta.arch} with arguments {_clip(dict(meta.arch_kwargs))}"
     try:
-        return create_model(meta.arch, num_classes=meta.num_classes or 10, in_chans=c, img_size=h, **meta.arch_kwargs)
-    except (TypeError, ValueError) as exc:  # arch_kwargs the factory does not take
-        raise ModelLoadError(f"cannot build {meta.arch} with arguments {dict(meta.arch_kwargs)!r}: {exc}") from exc
+        with torch.device("meta"), _size_guard(what, values=False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op"
+            skeleton = _create(meta.arch, kwargs, what)
+    except _TooLarge:
+        raise
+    except RobkdError as exc:
+        if split_arch(meta.arch)[0] == "robkd":  # robkd's own architectures all build on the meta device
+            raise
+        # timm or user code that cannot run on the meta device (e.g. it reads a tensor's values): build it
+        # for real, under the size guard
+        log.debug("building %s on the meta device failed (%s); building it directly", meta.arch, exc)
+        with _size_guard(what):
+            return _create(meta.arch, kwargs, what)
+    state = skeleton.state_dict()
+    total = sum(int(t.numel()) for t in skeleton.parameters()) + sum(int(t.numel()) for t in skeleton.buffers())
+    if total > MAX_ELEMENTS:
+        raise _TooLarge(f"{what} would hold {_size(total)}; robkd builds at most {_size(MAX_ELEMENTS)}: the "
+                        f"architecture's arguments are absurd or the file's metadata is corrupt")
+    empty = [name for name, t in skeleton.named_parameters() if t.numel() == 0]
+    if empty:
+        raise ModelLoadError(f"{what} has parameters with no values ({_short(empty, 3)}): the architecture's "
+                             f"arguments are wrong")
+    if weights is not None:
+        _match_weights(_specs(state), weights, source)
+    return _create(meta.arch, kwargs, what)
+
+
+def _create(arch: str, kwargs: dict[str, Any], what: str) -> nn.Module:
+    try:
+        return create_model(arch, **kwargs)
+    except RobkdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - arguments the factory rejects (bad type, negative width, ...)
+        raise ModelLoadError(f"cannot build {what}: {type(exc).__name__}: {_first_line(exc)}") from exc
 
 
 def build_model(
@@ -243,32 +404,37 @@ def build_model(
     arch_kwargs: Mapping[str, Any] | None = None,
 ) -> RobustModel:
     """Create a fresh (randomly initialised) :class:`RobustModel` from an architecture name."""
-    if len(tuple(input_shape)) != 3:
-        raise UsageError(f"input shape must be C,H,W, got {list(input_shape)}")
     meta = ModelMeta(
         arch=arch,
         arch_kwargs=dict(arch_kwargs or {}),
-        num_classes=int(num_classes),
-        input_shape=tuple(int(v) for v in input_shape),
-        mean=tuple(float(v) for v in mean) if mean is not None else None,
-        std=tuple(float(v) for v in std) if std is not None else None,
+        num_classes=num_classes,
+        input_shape=tuple(input_shape),
+        mean=tuple(mean) if mean is not None else None,
+        std=tuple(std) if std is not None else None,
         dataset=dataset,
-    )
+    ).validate()
     model = RobustModel(_build_arch(meta), meta)
     return model.eval()
 
 
 def load_state_dict_strict(net: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with one clear error listing every mismatch."""
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shape = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or shape:
+    """``load_state_dict(strict=True)`` with one clear error listing every mismatch (names, shapes, and
+    kinds: a float parameter never takes integer or boolean values)."""
+    _match_weights(_specs(net.state_dict()), _specs(state), source)
+    try:
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001 - what the comparison above cannot foresee (user modules' hooks)
+        raise ModelLoadError(f"weights in {source} do not load: {_first_line(exc)}") from exc
+
+
+def _match_weights(own: Mapping[str, _Spec], given: Mapping[str, _Spec], source: str) -> None:
+    """:class:`ModelLoadError` listing every missing, unexpected, mis-shaped or mis-typed tensor."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    common = sorted(set(own) & set(given))
+    shape = [f"{k}: file {given[k][0]} vs model {own[k][0]}" for k in common if given[k][0] != own[k][0]]
+    kind = [f"{k}: file {given[k][1]} vs model {own[k][1]}" for k in common if given[k][1] != own[k][1]]
+    if missing or unexpected or shape or kind:
         parts = []
         if missing:
             parts.append(f"missing keys {_short(missing)}")
@@ -276,41 +442,55 @@ def load_state_dict_strict(net: nn.Module, state: Mapping[str, torch.Tensor], so
             parts.append(f"unexpected keys {_short(unexpected)}")
         if shape:
             parts.append(f"shape mismatches {_short(shape)}")
+        if kind:
+            parts.append(f"dtype mismatches {_short(kind)}")
         raise ModelLoadError(f"weights in {source} do not match the architecture: " + "; ".join(parts))
-    net.load_state_dict(state, strict=True)
 
 
 def _short(items: list[str], limit: int = 12) -> str:
-    shown = ", ".join(items[:limit])
+    shown = ", ".join(i if len(i) <= 100 else i[:97] + "..." for i in items[:limit])
     return f"[{shown}{', ... (%d more)' % (len(items) - limit) if len(items) > limit else ''}]"
 
 
 def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    """Find a state_dict in common containers; strip a DDP ``module.`` prefix."""
-    if isinstance(obj, Mapping):
+    """Find a state_dict in common containers (``{"state_dict": ...}`` and the like, at most 8 levels
+    deep); strip a DDP ``module.`` prefix."""
+    stack = [(obj, 0)]  # depth first, in the order of _STATE_DICT_KEYS, without recursion
+    while stack:
+        obj, depth = stack.pop()
+        if not isinstance(obj, Mapping):
+            continue
         if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             state = dict(obj)
             if all(k.startswith("module.") for k in state):
                 state = {k[len("module."):]: v for k, v in state.items()}
             return state
-        for key in _STATE_DICT_KEYS:
-            if key in obj:
-                found = _unwrap_state_dict(obj[key])
-                if found is not None:
-                    return found
+        if depth < 8:
+            stack.extend((obj[k], depth + 1) for k in reversed(_STATE_DICT_KEYS) if k in obj)
     return None
 
 
 def _robkd_meta(p: Path) -> ModelMeta:
-    raw = _read_safetensors_metadata(p)
+    return _robkd_meta_from(_safetensors_header(p)[0], p)
+
+
+def _robkd_meta_from(raw: Mapping[str, str], p: Path) -> ModelMeta:
+    """The :class:`ModelMeta` in a robkd checkpoint's ``robkd`` metadata entry (a JSON string), every
+    field checked (:meth:`ModelMeta.validate`); :class:`ModelLoadError` for anything malformed."""
     try:
         info = json.loads(raw["robkd"])
-        meta = ModelMeta.from_dict(info["meta"])
-    except (KeyError, ValueError, TypeError, RobkdError) as exc:
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else _first_line(exc)
+        raise ModelLoadError(f"corrupt robkd metadata in {p}: not a JSON object ({reason})") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("meta"), dict):
+        raise ModelLoadError(f"corrupt robkd metadata in {p}: want an object with 'format_version' and 'meta'")
+    if str(info.get("format_version"))[:20] != ROBKD_FORMAT_VERSION:
+        raise ModelLoadError(f"{p} is robkd checkpoint format {str(info.get('format_version'))[:20]!r}, "
+                             f"this robkd reads {ROBKD_FORMAT_VERSION}")
+    try:
+        return ModelMeta.from_dict(info["meta"])
+    except RobkdError as exc:
         raise ModelLoadError(f"corrupt robkd metadata in {p}: {exc}") from exc
-    if str(info.get("format_version")) != ROBKD_FORMAT_VERSION:
-        raise ModelLoadError(f"{p} is robkd checkpoint format {info.get('format_version')}, this robkd reads {ROBKD_FORMAT_VERSION}")
-    return meta
 
 
 def checkpoint_meta(path: str | Path) -> ModelMeta | None:
@@ -320,34 +500,36 @@ def checkpoint_meta(path: str | Path) -> ModelMeta | None:
     return _robkd_meta(p) if detect_format(p) == "robkd" else None
 
 
-def _load_robkd(p: Path, flags: ModelMeta, allow_pickle: bool):
+def _load_safetensors_tensors(p: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    meta = _robkd_meta(p)
+    try:
+        return load_file(str(p))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise ModelLoadError(f"corrupt safetensors data in {p}: {_first_line(exc)}") from exc
+
+
+def _load_robkd(p: Path, flags: ModelMeta, allow_pickle: bool):
+    raw, table = _safetensors_header(p)
+    meta = _robkd_meta_from(raw, p)
     if flags.arch and flags.arch != meta.arch:
         raise UsageError(f"{p} is a robkd checkpoint of {meta.arch}; --arch {flags.arch} contradicts it (drop --arch)")
     if _is_user_arch(meta.arch) and flags.arch != meta.arch and not allow_pickle:
         # the file names code to import and call: never run it on the file's word alone
         raise UsageError(f"{p} names the architecture {meta.arch!r}, which imports and calls code outside robkd and "
                          f"timm; if you trust that code, confirm it with --arch {meta.arch} (or --allow-pickle)")
-    net = _build_arch(meta)
-    try:
-        state = load_file(str(p))
-    except Exception as exc:
-        raise ModelLoadError(f"corrupt safetensors data in {p}: {exc}") from exc
-    load_state_dict_strict(net, state, str(p))
+    net = _build_arch(meta, table, str(p))
+    load_state_dict_strict(net, _load_safetensors_tensors(p), str(p))
     return net, meta
 
 
 def _load_safetensors(p: Path, flags: ModelMeta, allow_pickle: bool):
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(p))
-    except Exception as exc:
-        raise ModelLoadError(f"corrupt safetensors file {p}: {exc}") from exc
+    _, table = _safetensors_header(p)
+    if table and all(k.startswith("module.") for k in table):  # as _unwrap_state_dict does
+        table = {k[len("module."):]: v for k, v in table.items()}
     meta = ModelMeta(**{k: v for k, v in vars(flags).items() if k not in ("provenance", "source")})
-    net = _build_arch(meta)
+    net = _build_arch(meta, table, str(p))
+    state = _load_safetensors_tensors(p)
     load_state_dict_strict(net, _unwrap_state_dict(state) or state, str(p))
     return net, meta
 
@@ -473,7 +655,7 @@ def _load_torch(p: Path, flags: ModelMeta, allow_pickle: bool):
     if state is None:
         raise ModelLoadError(f"{p} holds a {type(obj).__name__}, neither a state_dict nor an nn.Module")
     meta = ModelMeta(**{k: v for k, v in vars(flags).items() if k not in ("provenance", "source")})
-    net = _build_arch(meta)
+    net = _build_arch(meta, _specs(state), str(p))
     load_state_dict_strict(net, state, str(p))
     return net, meta
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import numbers
 import os
 import sys
 from typing import Any, Callable
 
 from torch import nn
 
-from robkd.errors import ArchitectureError
+from robkd.errors import ArchitectureError, RobkdError
+from robkd.types import short_repr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,17 @@ def register_model(name: str, *, input_sizes: tuple[int, ...] = (28, 32), descri
         return factory
 
     return deco
+
+
+def check_arg(arch: str, name: str, value: Any, lo: float, hi: float, *, integer: bool = True) -> Any:
+    """An architecture argument checked for type and range (``lo <= value <= hi``); :class:`ArchitectureError`
+    naming it otherwise (arguments may come from a file's metadata)."""
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    if not ok_type or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        span = f"{int(lo):,} to {int(hi):,}" if integer else f"{lo:g} to {hi:g}"
+        raise ArchitectureError(f"{arch}: {name} must be {kind} from {span}, got {short_repr(value)}")
+    return int(value) if integer else float(value)
 
 
 def list_models() -> list[ArchEntry]:
@@ -135,6 +148,8 @@ def _create_user(module: str, attr: str, *, num_classes: int, in_chans: int, img
     call_kw = offered if accepts_var_kw else {k: v for k, v in offered.items() if k in params}
     try:
         model = factory(**call_kw)
+    except RobkdError:  # robkd's own refusal (e.g. the size guard while building): as it is
+        raise
     except Exception as exc:  # the user's factory failed: one clear line, not a traceback
         raise ArchitectureError(f"'{module}:{attr}'({', '.join(f'{k}={v!r}' for k, v in call_kw.items())}) failed: "
                                 f"{type(exc).__name__}: {exc}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -21,6 +22,8 @@ class Normalize(nn.Module):
         super().__init__()
         if len(mean) != len(std) or not len(mean):
             raise UsageError(f"mean and std must have the same non-zero length, got {list(mean)} and {list(std)}")
+        if not all(math.isfinite(float(v)) for v in list(mean) + list(std)):
+            raise UsageError(f"mean and std must be finite numbers, got {list(mean)} and {list(std)}")
         if any(float(s) <= 0 for s in std):
             raise UsageError(f"std must be > 0, got {list(std)}")
         m = torch.tensor([float(v) for v in mean], dtype=torch.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 import torch.nn.functional as F
 
-from robkd.models.registry import register_model
+from robkd.models.registry import check_arg, register_model
 
 
 class InvertedResidual(nn.Module):
@@ -40,6 +40,7 @@ _CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width_mult: float = 1.0) -> None:
         super().__init__()
+        width_mult = check_arg("MobileNetV2", "width_mult", width_mult, 0.01, 16.0, integer=False)
         c = lambda v: max(8, int(round(v * width_mult)))  # noqa: E731
         self.conv1 = nn.Conv2d(in_chans, c(32), 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c(32))

@@ -11,7 +11,7 @@ from typing import Sequence
 from torch import nn
 
 from robkd.errors import ArchitectureError
-from robkd.models.registry import register_model
+from robkd.models.registry import check_arg, register_model
 
 
 def _check_size(img_size: int, name: str) -> None:
@@ -19,15 +19,22 @@ def _check_size(img_size: int, name: str) -> None:
         raise ArchitectureError(f"{name}: img_size must be an int >= 8, got {img_size!r}")
 
 
+MAX_HIDDEN_LAYERS = 64
+
+
 @register_model("mlp", input_sizes=(28, 32), description="Fully connected ReLU net (hidden sizes configurable)")
 def mlp(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, hidden: Sequence[int] = (100, 100)) -> nn.Module:
     """Flatten -> [Linear -> ReLU]* -> Linear."""
     _check_size(img_size, "mlp")
+    if not isinstance(hidden, (list, tuple)) or len(hidden) > MAX_HIDDEN_LAYERS:
+        raise ArchitectureError(f"mlp: hidden must be a list of at most {MAX_HIDDEN_LAYERS} layer widths, "
+                                f"got {type(hidden).__name__} of length {len(hidden) if hasattr(hidden, '__len__') else '?'}")
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_chans * img_size * img_size
     for h in hidden:
-        layers += [nn.Linear(width, int(h)), nn.ReLU()]
-        width = int(h)
+        h = check_arg("mlp", "each hidden width", h, 1, 2**20)
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
 
@@ -36,6 +43,7 @@ def mlp(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, hidden: Se
 def cnn_small(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, width: int = 1) -> nn.Module:
     """Conv(16,4,s2) -> Conv(32,4,s2) -> FC(100) -> FC(classes), ReLU after each hidden layer."""
     _check_size(img_size, "cnn_small")
+    width = check_arg("cnn_small", "width", width, 1, 1024)
     c1, c2 = 16 * width, 32 * width
     s1 = (img_size + 2 - 4) // 2 + 1
     s2 = (s1 + 2 - 4) // 2 + 1

@@ -6,7 +6,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from robkd.errors import ArchitectureError
-from robkd.models.registry import register_model
+from robkd.models.registry import check_arg, register_model
 
 
 class WideBlock(nn.Module):
@@ -31,6 +31,9 @@ class WideBlock(nn.Module):
 class WideResNet(nn.Module):
     def __init__(self, depth: int = 34, widen: int = 10, num_classes: int = 10, in_chans: int = 3, drop: float = 0.0) -> None:
         super().__init__()
+        depth = check_arg("WideResNet", "depth", depth, 10, 1000)
+        widen = check_arg("WideResNet", "widen", widen, 1, 64)
+        drop = check_arg("WideResNet", "drop", drop, 0.0, 0.99, integer=False)
         if (depth - 4) % 6:
             raise ArchitectureError(f"WideResNet depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
