@@ -23,7 +23,6 @@ _API = {
     "train": "robkd.distill",
     "repair": "robkd.distill",
     "Norm": "robkd.types",
-    "ThreatModel": "robkd.types",
     "RobkdError": "robkd.errors",
 }
 

@@ -74,10 +74,6 @@ class UnsupportedModelError(RobkdError):
         self.unsupported = list(unsupported or [])
 
 
-class EvaluationError(RobkdError):
-    """An evaluation is unreliable (sanity check failed under ``--strict``)."""
-
-
 class ModelRuntimeError(RobkdError):
     """A user's model failed while robkd ran it (raised, returned malformed outputs, failed under
     gradients, ran out of memory)."""

@@ -37,18 +37,6 @@ class Norm(str, enum.Enum):
         return 1.0 if self is Norm.LINF else 2.0
 
 
-@dataclasses.dataclass(frozen=True)
-class ThreatModel:
-    """A norm ball of radius ``eps`` in [0,1] pixel space."""
-
-    norm: Norm
-    eps: float
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
-            raise UsageError(f"radius must be a finite number >= 0, got {self.eps!r}")
-
-
 def parse_radius(text: str) -> float:
     """Parse one radius: ``8/255``, ``0.03``, ``1e-3``. Raises :class:`UsageError`."""
     raw = text.strip()

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 #: environment variable naming the file where rank 0 writes the command's exit code
 EXIT_FILE_ENV = "ROBKD_EXIT_FILE"
-LAUNCHERS = ("none", "torchrun")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
