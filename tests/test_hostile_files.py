@@ -275,7 +275,7 @@ def test_every_hostile_checkpoint_is_a_model_load_error(base, tmp_path):
 
 def test_size_is_checked_before_anything_is_allocated(monkeypatch):
     """An architecture of terabytes is refused while being counted on the meta device: no real tensor is made."""
-    import robkd.models.io as io
+    import robkd.models.build as io
 
     made = []
     real = io.create_model
@@ -433,7 +433,7 @@ def test_user_architecture_size_is_guarded(tmp_path, monkeypatch):
         "def picky(num_classes, in_chans, img_size, width=8):\n"
         "    torch.zeros(1).item()  # fails on the meta device\n"
         "    return wide(num_classes, in_chans, img_size, width)\n")
-    import robkd.models.io as io
+    import robkd.models.build as io
 
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(io, "MAX_ELEMENTS", 10_000)  # the mechanism, at a size a test can afford

@@ -3,6 +3,10 @@
 A factory is called as ``factory(num_classes=..., in_chans=..., img_size=..., **kwargs)``
 and returns an ``nn.Module`` that takes *normalised* inputs; normalisation is
 added by :class:`robkd.models.wrapper.RobustModel`.
+
+This module holds only the registry: it imports no architecture. The built-in ones
+(:mod:`robkd.models.archs`) register themselves when imported, which ``robkd.models``
+does first, so they are registered before anything of the package can be used.
 """
 
 from __future__ import annotations
@@ -60,13 +64,7 @@ def check_arg(arch: str, name: str, value: Any, lo: float, hi: float, *, integer
 
 def list_models() -> list[ArchEntry]:
     """All built-in architectures, sorted by name."""
-    _ensure_builtin()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
-
-
-def _ensure_builtin() -> None:
-    # importing the package registers every built-in architecture
-    import robkd.models.archs  # noqa: F401
 
 
 def split_arch(spec: str) -> tuple[str, str]:
@@ -96,7 +94,6 @@ def create_model(
     """
     kind, name = split_arch(spec)
     if kind == "robkd":
-        _ensure_builtin()
         entry = _REGISTRY.get(name)
         if entry is None:
             known = ", ".join(sorted(_REGISTRY))
