@@ -27,11 +27,16 @@ EXIT_SANITY = 3
 EXIT_INTERNAL = 4
 EXIT_INTERRUPTED = 130
 
-EXIT_CODES_HELP = (
-    "exit codes: 0 success (gates passed); 1 a gate failed (only that); 2 bad input or environment "
-    "(flags, files, data, a failing model, filesystem errors; one line on stderr); 3 sanity flags under "
-    "--strict; 4 internal error (a robkd bug: rerun with --debug and report it); 130 interrupted"
-)
+EXIT_CODES_HELP = """exit codes:
+  0    success; every gate passed (or no gate was given)
+  1    a gate failed, and nothing else
+  2    bad input or environment: flags, specs, gates, model or data files, a model that
+       fails or returns malformed outputs, training that diverged, filesystem errors,
+       out of memory, an --out another run is writing (one line on stderr)
+  3    sanity flags under --strict (results are still written)
+  4    internal error: a robkd bug (rerun with --debug and report it)
+  130  interrupted
+"""
 
 
 class RobkdError(Exception):

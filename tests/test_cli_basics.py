@@ -61,3 +61,21 @@ def test_bad_usage_is_one_line_and_exit_2(argv, why, capsys):
 def test_python_m_robkd_entry_point():
     out = subprocess.run([sys.executable, "-m", "robkd", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("robkd ")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["audit", "--help"], ["repair", "--help"], ["report", "--help"]])
+def test_help_shows_the_one_exit_code_table(argv, capsys):
+    """Every --help ends with the exit-code table of robkd.errors, and the README holds the same codes."""
+    import re
+    from pathlib import Path
+
+    from robkd import errors
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(errors.EXIT_CODES_HELP.rstrip())
+    codes = [int(c) for c in re.findall(r"^  (\d+) ", errors.EXIT_CODES_HELP, flags=re.M)]
+    assert codes == [errors.EXIT_OK, errors.EXIT_GATE_FAILED, errors.EXIT_BAD_INPUT, errors.EXIT_SANITY,
+                     errors.EXIT_INTERNAL, errors.EXIT_INTERRUPTED]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert [int(c) for c in re.findall(r"^\| (\d+) \|", readme, flags=re.M)] == codes

@@ -31,6 +31,10 @@ DESCRIPTION = (
 class _Parser(argparse.ArgumentParser):
     """argparse with bad usage reported as ONE line (``prog: error: ...``) and exit code 2, no usage dump."""
 
+    def format_help(self) -> str:
+        """argparse's help, then the exit-code table (verbatim: argparse would re-wrap an epilog)."""
+        return super().format_help() + "\n" + EXIT_CODES_HELP
+
     def error(self, message: str) -> "typing.NoReturn":  # noqa: D102
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -39,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser (imports every command module, none of which imports torch at top level)."""
     from robkd import __version__
 
-    parser = _Parser(prog="robkd", description=DESCRIPTION, epilog=EXIT_CODES_HELP)
+    parser = _Parser(prog="robkd", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"robkd {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on the terminal")
