@@ -5,18 +5,22 @@ Run: ``OMP_NUM_THREADS=1 python -m bench.bounds_speed [--n 1000] [--eps 0.01,0.0
 For every radius it prints the wall time of ``robkd.bounds.certify(..., method="crown")`` (fast
 intermediate pass and early exits, the default), the same with a skip mask of samples a PGD-20
 attack broke (as an audit would pass), ``certify_radii`` over all radii, and, on ``--ref-n``
-samples, the reference (``early_exit=False, reference=True``: full CROWN for every sample through
-the plain intermediate pass). Times are also given as multiples of one forward pass over the same
-samples, which is steadier than seconds on a shared machine. Certified sets must agree exactly
-with the reference (checked; a mismatch is reported).
+samples, the reference (``reference_certify(..., early_exit=False)`` from ``tests/crown_reference.py``:
+full CROWN for every sample through the plain intermediate pass). Times are also given as multiples
+of one forward pass over the same samples, which is steadier than seconds on a shared machine.
+Certified sets must agree exactly with the reference (checked; a mismatch is reported).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
 def _time(fn):
@@ -27,6 +31,10 @@ def _time(fn):
 
 def main(argv: list[str] | None = None) -> int:
     from bench.common import fmnist_inputs, small_cnn
+
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))  # the reference CROWN pass is a test helper
+    from crown_reference import reference_certify
     from robkd.attacks import make_attack, verify_adversarial
     from robkd.bounds import certify, certify_radii
     from robkd.types import Norm
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_txt, fast_txt, speed = "-", "-", "-"
         if a.ref_n > 0:
             k = min(a.ref_n, a.n)
-            dr, ref = _time(lambda: certify(model, x[:k], y[:k], eps, method="crown", early_exit=False, reference=True))
+            dr, ref = _time(lambda: reference_certify(model, x[:k], y[:k], eps, method="crown", early_exit=False))
             df, fast = _time(lambda: certify(model, x[:k], y[:k], eps, method="crown"))
             if not torch.equal(ref.certified, fast.certified):
                 print(f"  MISMATCH: fast and reference certified sets differ at eps={eps}")

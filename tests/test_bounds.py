@@ -12,59 +12,12 @@ from robkd.errors import UnsupportedModelError, UsageError
 from robkd.models import RobustModel
 from robkd.types import ModelMeta, Norm
 
+from helpers import make_net, random_points, randomise_bn
+
 TOL = 1e-4
 
 
-# ----------------------------------------------------------------------------- tiny random networks
-class ResNetTiny(nn.Module):
-    """conv -> relu -> residual block (F.relu / torch.relu, add) -> global avg pool -> view -> linear."""
-
-    def __init__(self, c: int = 2) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(c, 4, 3, padding=1)
-        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = F.relu(self.stem(x))
-        h = torch.relu(self.bn(self.conv(h)) + h)
-        h = self.pool(h)
-        return self.fc(h.view(h.size(0), -1))
-
-
-def _randomise_bn(net: nn.Module, g: torch.Generator) -> None:
-    for m in net.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(c, generator=g))
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
-
-
-def make_net(kind: str, seed: int) -> RobustModel:
-    """A small random network of the given kind wrapped with a non-trivial Normalize."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    if kind == "mlp":
-        net = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
-    elif kind == "cnn":
-        net = nn.Sequential(
-            nn.Conv2d(2, 4, 3, stride=1, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.ReLU(), nn.Dropout(0.5),
-            nn.AvgPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 3),
-        )
-    elif kind == "resnet":
-        net = ResNetTiny()
-    else:  # pragma: no cover
-        raise ValueError(kind)
-    _randomise_bn(net, g)
-    meta = ModelMeta(input_shape=(2, 8, 8), num_classes=3, mean=(0.4, 0.6), std=(0.25, 0.5))
-    return RobustModel(net, meta).eval()
-
-
+# ----------------------------------------------------------------------------- tiny random networks (tests/helpers.py)
 KINDS = ["mlp", "cnn", "resnet"]
 
 
@@ -95,24 +48,6 @@ def pgd_extremes(model, x, eps, norm: Norm, C: torch.Tensor, steps: int = 20) ->
                         xa = (x + d * torch.clamp(eps / dn.clamp(min=1e-12), max=1.0)).clamp(0, 1)
             pts.append(xa.detach())
     return torch.stack(pts)
-
-
-def random_points(x, eps, norm: Norm, n: int, seed: int) -> torch.Tensor:
-    """n random points in the ball & [0,1] per sample (Linf: half of them box corners)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        if norm is Norm.LINF:
-            u = torch.rand(x.shape, generator=g) * 2 - 1
-            if i % 2:
-                u = u.sign()
-            d = u * eps
-        else:
-            d = torch.randn(x.shape, generator=g)
-            r = torch.rand(x.shape[0], generator=g).view(-1, *[1] * (x.dim() - 1))
-            d = d / d.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1)) * eps * r
-        out.append((x + d).clamp(0, 1))
-    return torch.stack(out)
 
 
 def check_contains(model, pts, lb, ub, C) -> None:
@@ -547,7 +482,7 @@ def _bn_net() -> RobustModel:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     g = torch.Generator().manual_seed(0)
-    _randomise_bn(net, g)
+    randomise_bn(net, g)
     return RobustModel(net, ModelMeta(input_shape=(3, 2, 2), num_classes=3))
 
 

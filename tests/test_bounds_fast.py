@@ -13,7 +13,8 @@ from robkd.errors import UsageError
 from robkd.models import RobustModel
 from robkd.types import ModelMeta, Norm
 
-from test_bounds import make_net, random_points
+from crown_reference import reference_bounds, reference_certify
+from helpers import make_net, random_points
 
 
 def _conv_net(kind: str, seed: int) -> RobustModel:
@@ -63,21 +64,20 @@ def test_fast_intermediate_equals_reference(kind, factory, shape, norm):
         C = torch.randn(5, 3, 4 if kind in ("small", "medium") else 3, generator=g)
         with torch.no_grad():
             lb, ub, nb = bm.bounds(x, eps, norm=norm, C=C)
-            lb_r, ub_r, nb_r = bm.bounds(x, eps, norm=norm, C=C, reference=True)
+            lb_r, ub_r, nb_r = reference_bounds(bm, x, eps, norm=norm, C=C)
         assert _close(lb, lb_r) and _close(ub, ub_r), (kind, float((lb - lb_r).abs().max()))
         for name in nb_r:
             assert _close(nb[name][0], nb_r[name][0]) and _close(nb[name][1], nb_r[name][1]), name
         # not vacuous: CROWN tightened some intermediate bound below IBP's
-        ibp = bm._intermediate(_ctx(x, eps, norm), False)
+        ibp = bm.intermediate_bounds(_ctx(x, eps, norm), False)
         widths = [(nb[k][1] - nb[k][0], ibp[k][1] - ibp[k][0]) for k in bm.relu_inputs]
         assert any(bool((w < wi - 1e-6).any()) for w, wi in widths), kind
 
 
 def _ctx(x, eps, norm):
-    from robkd.bounds.graph import _Ctx, _eps_tensor, _input_box
+    from robkd.bounds.inputset import InputSet
 
-    e = _eps_tensor(eps, x)
-    return _Ctx(x, e, norm, _input_box(x, e))
+    return InputSet.around(x, eps, norm)
 
 
 def test_window_plan_used_for_conv_layers():
@@ -127,7 +127,7 @@ def _assert_unstable_equal_up_to_rounding(m, x, y, eps, got, want, tol=1e-4):
     bm = BoundedModel(m, tuple(x.shape[1:]))
     C = margin_matrix(y, 10)
     with torch.no_grad():
-        _, _, nb_ref = bm.bounds(x, eps, C=C, reference=True, upper=False)
+        _, _, nb_ref = reference_bounds(bm, x, eps, C=C, upper=False)
         _, _, nb_fast = bm.bounds(x, eps, C=C, upper=False)
     B = x.shape[0]
     borderline = torch.zeros(B, dtype=torch.long)
@@ -154,7 +154,7 @@ def test_certify_early_exit_matches_reference(cnn_slice, eps):
     m, x, y = cnn_slice
     x, y = x[:32], y[:32]
     fast = certify(m, x, y, eps)
-    ref = certify(m, x, y, eps, early_exit=False, reference=True)
+    ref = reference_certify(m, x, y, eps, early_exit=False)
     assert fast.certified.tolist() == ref.certified.tolist()
     assert fast.status == ref.status
     # full CROWN (no early exit) equals the reference pass
@@ -234,5 +234,5 @@ def test_compute_bounds_fast_equals_reference_on_trained_cnn(cnn_slice):
     lb, ub = compute_bounds(m, x[:16], 0.02)
     bm = BoundedModel(m, (1, 28, 28))
     with torch.no_grad():
-        lb_r, ub_r, _ = bm.bounds(x[:16], 0.02, reference=True)
+        lb_r, ub_r, _ = reference_bounds(bm, x[:16], 0.02)
     assert _close(lb, lb_r) and _close(ub, ub_r)

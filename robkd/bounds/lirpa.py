@@ -15,15 +15,6 @@ from robkd.types import Norm
 _METHODS = {"ibp": "IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
 
 
-def lirpa_available() -> bool:
-    """Whether auto_LiRPA imports in this environment."""
-    try:
-        import auto_LiRPA  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means unusable
-        return False
-    return True
-
-
 def lirpa_bounds(
     model: nn.Module,
     x: torch.Tensor,

@@ -28,15 +28,14 @@ import torch
 from torch import nn
 
 from robkd.bounds import ops
-from robkd.bounds.api import _input_shape, in_eval_mode, margin_matrix
+from robkd.bounds.checks import batch_input_shape, in_eval_mode
+from robkd.bounds.compute import margin_matrix
 from robkd.bounds.graph import BoundedModel
 from robkd.errors import UnsupportedModelError, UsageError
 from robkd.types import Norm
 from robkd.utils.logits import predict
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("verified", "falsified", "unknown")
 
 
 @dataclasses.dataclass
@@ -214,7 +213,7 @@ def verify_milp(
         raise UsageError(f"eps must be a finite number >= 0, got {eps!r}")
     if not isinstance(time_limit, (int, float)) or not time_limit > 0:
         raise UsageError(f"time_limit must be > 0 seconds, got {time_limit!r}")
-    shape = _input_shape(model, x)
+    shape = batch_input_shape(x)
     if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
         raise UsageError("y must be a (B,) label tensor matching x")
     bm = BoundedModel(model, shape)

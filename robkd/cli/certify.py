@@ -67,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    import torch
-
     from robkd.cli.common import model_kwargs
     from robkd.data import dataset_info, eval_subset, load_dataset
     from robkd.errors import DataError, IncompatibleModelsError, UsageError
@@ -173,8 +171,12 @@ def run(args: argparse.Namespace) -> int:
             log.debug("eps %s: certified %.3f in %.1fs", format_radius(eps), res.certified_accuracy, res.seconds)
     lr_block = None
     if want_lr:
-        from robkd.bounds import default_radius_cap, linear_region_radius, linear_region_radius_summary
-        from robkd.bounds.api import default_radius_tol
+        from robkd.bounds import (
+            default_radius_cap,
+            default_radius_tol,
+            linear_region_radius,
+            linear_region_radius_summary,
+        )
 
         lr_method = args.method if args.method in ("ibp", "crown", "alpha-crown") else "crown"
         hi = lr_max if lr_max is not None else default_radius_cap(norm, math.prod(subset.input_shape))
