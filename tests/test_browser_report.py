@@ -9,15 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import report_fixtures as F  # noqa: E402
+import report_fixtures as F
 
-from robkd.report import render  # noqa: E402
+from robkd.report import render
 
 pytestmark = pytest.mark.browser
 

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import report_fixtures as F  # noqa: E402
+import report_fixtures as F
 
-from robkd.report import ResultsError, load_results, render  # noqa: E402
-from robkd.report.escape import esc_html, esc_md, md_code_block, md_code_span  # noqa: E402
+from robkd.report import ResultsError, load_results, render
+from robkd.report.escape import esc_html, esc_md, md_code_block, md_code_span
 
 EVIL = "<script>alert(1)</script>"
 

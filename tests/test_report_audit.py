@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,12 @@ from robkd.report import load_results, render
 @pytest.fixture(scope="module")
 def tiny_student(fmnist_train):
     """A second, smaller non-robust MLP (784-32-10), trained briefly on the real slice."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import _train_plain
+    from helpers import train_plain
 
     from robkd.models import build_model
 
     m = build_model("robkd:mlp", input_shape=(1, 28, 28), num_classes=10, dataset="fashion-mnist", arch_kwargs={"hidden": [32]})
-    return _train_plain(m, fmnist_train, epochs=2, seed=3)
+    return train_plain(m, fmnist_train, epochs=2, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import report_fixtures as F  # noqa: E402
+import report_fixtures as F
 
-import robkd.cli.main as cli_main  # noqa: E402
-from robkd.report.svg import BarGroup, Series, bar_chart, line_chart, nice_ticks  # noqa: E402
+import robkd.cli.main as cli_main
+from robkd.report.svg import BarGroup, Series, bar_chart, line_chart, nice_ticks
 
 NS = "{http://www.w3.org/2000/svg}"
 

@@ -26,12 +26,11 @@ from typing import Any, Callable
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import report_fixtures as F  # noqa: E402
-from badinput import expect_failure, run_cli, snapshot  # noqa: E402
+import report_fixtures as F
+from badinput import expect_failure, run_cli, snapshot
 
-from robkd.report import ResultsError, load_results  # noqa: E402
-from robkd.utils.io import MAX_JSON_BYTES, MAX_JSON_DEPTH  # noqa: E402
+from robkd.report import ResultsError, load_results
+from robkd.utils.io import MAX_JSON_BYTES, MAX_JSON_DEPTH
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,8 @@
 """The outcome of an audit: a JSON-ready dict (``results.json``) plus per-sample tensors.
 
-The layout of ``results.json`` is documented key by key in ``docs/results-schema.md``;
-bump :data:`SCHEMA_VERSION` on any incompatible change.
+The layout of ``results.json`` is documented key by key in ``docs/results-schema.md`` and owned by
+:mod:`robkd.report.schema` (constants, reader, validator, typed access, :class:`ResultsError`): this
+module writes and reads through it, and the gates read their metrics through its typed view.
 """
 
 from __future__ import annotations
@@ -11,17 +12,30 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from robkd.auditing.gates import GateResult, Interval, Ref, match_radius
+from robkd.auditing.gates import GateResult, Interval, Ref, parse_ref
 from robkd.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_SANITY, UsageError
+from robkd.report.schema import (
+    RESULTS_FILE,
+    SAMPLES_FILE,
+    SCHEMA_VERSION,
+    Estimate,
+    Results,
+    ResultsError,
+    find_radius,
+    load_results,
+    validate_results,
+)
 from robkd.types import format_radius
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
-SCHEMA_VERSION = "1"
-RESULTS_FILE = "results.json"
-SAMPLES_FILE = "samples.safetensors"
+__all__ = ["RESULTS_FILE", "SAMPLES_FILE", "SCHEMA_VERSION", "AuditResult", "gate_samples", "lookup_metric"]
 
+#: per-sample tensors that are not a column of :meth:`AuditResult.to_pandas` as such
+_NOT_COLUMNS = ("indices", "labels", "radii")
+_GROUPS = ("teacher", "student", "transfer", "prop2")
 
 
 class AuditResult:
@@ -42,41 +56,37 @@ class AuditResult:
         return json.loads(json.dumps(self._data, allow_nan=False))
 
     @property
+    def results(self) -> Results:
+        """The typed view of the result (:class:`robkd.report.schema.Results`)."""
+        return Results(self._data)
+
+    @property
     def radii(self) -> list[float]:
         """Audited radii, ascending."""
-        return list(self._data["radii"])
+        return self.results.radii
 
     @property
     def gates_passed(self) -> bool:
         """True when every gate passed (also when there are no gates)."""
-        return all(g["passed"] for g in self._data.get("gates", []))
+        return all(g.passed for g in self.results.gates)
 
     @property
     def sanity_flags(self) -> list[dict[str, Any]]:
         """Sanity flags raised on the evaluation (each a dict with code/message/suggestion/model, and
         ``handled_by`` when the audit's settings already answer the flag: it then does not fail ``strict``)."""
-        return list(self._data.get("sanity", {}).get("flags", []))
+        return self.results.sanity_flags
 
     @property
     def exit_code(self) -> int:
         """0 all gates pass; 1 a gate failed; 3 sanity flags under ``strict`` (takes precedence)."""
-        if self._data["config"].get("strict") and any(not f.get("handled_by") for f in self.sanity_flags):
+        res = self.results
+        if res.section("config").get("strict") and any(not f.get("handled_by") for f in res.sanity_flags):
             return EXIT_SANITY
         return EXIT_OK if self.gates_passed else EXIT_GATE_FAILED
 
     def metric(self, name: str | Ref) -> Interval | None:
         """A metric by reference, e.g. ``metric("student.worst@8/255")`` -> :class:`Interval` (None if undefined)."""
-        from robkd.auditing.gates import _read_ref
-
-        if isinstance(name, str):
-            text = name.strip()
-            ident = text.split(".", 1)[0]
-            ref, end = _read_ref(text, 0, ident)
-            if end != len(text):
-                raise UsageError(f"bad metric reference {name!r}")
-        else:
-            ref = name
-        return lookup_metric(self._data, ref)
+        return lookup_metric(self._data, parse_ref(name) if isinstance(name, str) else name)
 
     def attach_before(self, before: "AuditResult | dict[str, Any]") -> None:
         """Make this a repair result: ``kind`` becomes ``robkd-repair`` and ``before`` holds the pre-repair audit."""
@@ -87,11 +97,49 @@ class AuditResult:
         self._data["kind"] = "robkd-repair"
         self._data["before"] = b
 
+    def to_pandas(self) -> "pd.DataFrame":
+        """The per-sample outcomes as a DataFrame: one row per audited sample, in audit order.
+
+        The index (``index``) is each sample's position in the dataset split; ``label`` its true label.
+        Every other tensor of ``samples.safetensors`` with one value per sample is a column of that name
+        (``student.clean_pred``, ``student.clean_correct``, ``student.adv_radius``, ...); one with one row
+        per radius gives a column per radius, ``NAME@RADIUS`` with the radius as in ``radii_text``
+        (``student.robust@8/255``, ``student.broken_by@8/255``, ``student.robust_after.fgsm@8/255``,
+        ``transfer.lost@8/255``, ``prop2.bound@8/255``, ...). Columns come by model (teacher, student),
+        then transfer and prop2, in name order; images (``x_adv``) are left out. Values keep the tensors'
+        dtypes (``broken_by``: index into ``attacks``, -1 robust, -2 misclassified clean).
+        Raises :class:`ResultsError` when the result holds no per-sample tensors.
+        """
+        import pandas as pd
+
+        if "indices" not in self.tensors or "labels" not in self.tensors:
+            raise ResultsError("this result holds no per-sample tensors: use the AuditResult an audit returned, or "
+                               "AuditResult.load(DIR) of a directory with samples.safetensors")
+        index = _numpy(self.tensors["indices"])
+        n = len(index)
+        labels = [format_radius(r) for r in self.radii]
+        columns: dict[str, Any] = {"label": _numpy(self.tensors["labels"])}
+
+        def order(name: str) -> tuple[int, str]:
+            group = name.split(".", 1)[0]
+            return (_GROUPS.index(group) if group in _GROUPS else len(_GROUPS), name)
+
+        for name in sorted((k for k in self.tensors if k not in _NOT_COLUMNS), key=order):
+            values = _numpy(self.tensors[name])
+            if values.shape == (n,):
+                columns[name] = values
+            elif values.shape == (len(labels), n):
+                columns.update({f"{name}@{label}": values[j] for j, label in enumerate(labels)})
+        return pd.DataFrame(columns, index=pd.Index(index, name="index"))
+
     # ------------------------------------------------------------------ writing / reading
     def write(self, out_dir: str | Path, *, samples: bool = True) -> Path:
-        """Write ``results.json`` and (``samples``) ``samples.safetensors`` into ``out_dir`` atomically; returns the json path."""
+        """Write ``results.json`` and (``samples``) ``samples.safetensors`` into ``out_dir`` atomically; returns the
+        json path. The result is first checked against the results schema (:class:`ResultsError` names the first
+        bad key; nothing is written then), so every file written here is one the readers accept."""
         from robkd.utils.io import atomic_write_bytes, atomic_write_json
 
+        validate_results(self._data, "the result to write")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if samples and self.tensors:
@@ -106,14 +154,12 @@ class AuditResult:
     def load(cls, out_dir: str | Path, *, tensors: bool = True) -> "AuditResult":
         """Read an audit directory (or its results.json) written by :meth:`write`.
 
-        The file goes through the one guarded reader of results files (:func:`robkd.report.schema.read_results`):
+        The file goes through the one guarded reader of results files (:func:`robkd.report.schema.load_results`):
         missing, unreadable, non-strict or too deeply nested JSON, another schema version, or a file that breaks
         the schema raise :class:`~robkd.report.schema.ResultsError` (a :class:`UsageError`) with one line."""
-        from robkd.report.schema import ResultsError, read_results
-
         out = Path(out_dir)
         path = out / RESULTS_FILE if out.is_dir() else out
-        data = read_results(path)
+        data = load_results(path)
         t: dict[str, Any] = {}
         samples = path.parent / SAMPLES_FILE
         if tensors and samples.is_file():
@@ -126,43 +172,34 @@ class AuditResult:
         return cls(data, t)
 
 
-def _radius_index(data: dict[str, Any], radius: float | None) -> int | None:
-    if radius is None:
-        return None
-    r = match_radius(radius, data["radii"])
-    return None if r is None else data["radii"].index(r)
+def _numpy(t: Any) -> Any:
+    return t.detach().cpu().numpy()
 
 
-def _interval(entry: dict[str, Any] | None) -> Interval | None:
-    if entry is None or entry.get("value") is None:
+def _interval(e: Estimate) -> Interval | None:
+    if e.value is None:
         return None
-    lo = entry.get("ci_low")
-    hi = entry.get("ci_high")
-    return Interval(
-        float(entry["value"]),
-        float(lo) if lo is not None else -math.inf,
-        float(hi) if hi is not None else math.inf,
-    )
+    return Interval(e.value, -math.inf if e.low is None else e.low, math.inf if e.high is None else e.high)
 
 
 def lookup_metric(data: dict[str, Any], ref: Ref) -> Interval | None:
     """Resolve a gate reference against a results dict (None when undefined or absent)."""
+    res = Results(data)
     if ref.subject != "transfer" and ref.metric == "clean":
-        return _interval(data[ref.subject]["clean"])
-    i = _radius_index(data, ref.radius)
+        return _interval(res.model(ref.subject).clean)
+    i = find_radius(res.radii, ref.radius)
     if i is None:
         return None
     if ref.subject == "transfer":
-        return _interval(data["transfer"][i].get(ref.metric))
-    model = data[ref.subject]
+        rows = res.transfer
+        return _interval(rows[i].metric(ref.metric)) if i < len(rows) else None
+    model = res.model(ref.subject)
     if ref.metric == "worst":
-        return _interval(model["per_radius"][i]["worst"])
+        return _interval(model.row(i).worst)
     if ref.metric == "certified":
-        cert = model.get("certification") or {}
-        if cert.get("status") != "ok":
-            return None
-        return _interval(cert["per_radius"][i]["certified"])
-    return _interval(model["per_radius"][i]["after_attack"].get(ref.metric))
+        cert = model.certification
+        return _interval(cert.row(i).certified) if cert is not None and cert.ok else None
+    return _interval(model.row(i).after_attack.get(ref.metric, Estimate()))
 
 
 def gate_samples(data: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Callable[[Ref], tuple[Any, Any] | None]:
@@ -171,8 +208,9 @@ def gate_samples(data: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> C
     Returns ``fn(ref) -> (numerator, denominator | None)`` as numpy arrays over the audited samples
     (None when the metric is undefined): indicator vectors for accuracies and transfer lost/gained,
     student/teacher robust indicators for ``transfer.ratio``."""
+    radii = Results(data).radii
 
-    def vec(key: str, i: int | None = None):
+    def vec(key: str, i: int | None = None) -> Any:
         t = tensors.get(key)
         if t is None:
             return None
@@ -183,7 +221,7 @@ def gate_samples(data: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> C
         if ref.subject != "transfer" and ref.metric == "clean":
             v = vec(f"{ref.subject}.clean_correct")
             return None if v is None else (v, None)
-        i = _radius_index(data, ref.radius)
+        i = find_radius(radii, ref.radius)
         if i is None:
             return None
         if ref.subject == "transfer":
@@ -202,8 +240,3 @@ def gate_samples(data: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> C
         return None if v is None else (v, None)
 
     return fn
-
-
-def radius_key(r: float) -> str:
-    """``8/255`` style text for a radius (used as a display label, never for lookup)."""
-    return format_radius(r)

@@ -45,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
     on stdout. Bad input (formats, output directory, results file) is refused before anything is written."""
     import sys
 
-    from robkd.report import check_out_dir, load_results, render, with_training_log
+    from robkd.report import load_results, render, with_training_log
     from robkd.report.escape import esc_text
+    from robkd.utils.outdir import check_out_dir
 
     formats = parse_formats(args.format)
     path = Path(args.results)

@@ -17,7 +17,8 @@ from robkd.report.escape import esc_svg
 
 # colour-blind-safe palette (Okabe-Ito)
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
-DASHES = ["", "6 3", "2 3", "8 3 2 3", "1 2"]
+#: dash patterns that set series apart from a solid one drawn in the same colour
+DASHES = ["6 3", "2 3", "8 3 2 3", "1 2"]
 FONT = "font-family=\"Helvetica, Arial, sans-serif\""
 
 

@@ -1,24 +1,29 @@
-"""Reading and validating results.json (schema "1", docs/results-schema.md) before anything uses it.
+"""Reading and validating results files: the schema's constants, its one error type, the guarded reader.
 
-:func:`read_results` is the one reader of results files (``robkd report`` and
-``AuditResult.load``): the guarded JSON reader of :mod:`robkd.utils.io`, then
-:func:`validate_results`, which refuses a file that breaks the schema with one line
-naming the first offending key path. Standard library only (no torch, no pandas).
+:func:`load_results` is the one reader of results files (``robkd report``, ``AuditResult.load``): the
+guarded JSON reader of :mod:`robkd.utils.io`, then :func:`validate_results`, which refuses a file that
+breaks the schema with one line naming the first offending key path. :func:`check_schema` is the minimum
+a renderer needs. ``AuditResult.write`` validates what it writes with the same rules.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Sequence
 
 from robkd.errors import UsageError
 from robkd.report.escape import esc_text
+from robkd.utils.io import read_json
 
-#: results.json schema versions this robkd reads.
-SUPPORTED_SCHEMA_VERSIONS = ("1",)
+#: the version :meth:`AuditResult.write` writes; bump on any incompatible change of the layout
+SCHEMA_VERSION = "1"
+#: results.json schema versions this robkd reads
+SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
 KINDS = ("robkd-audit", "robkd-repair")
 NORMS = ("Linf", "L2")
+ROLES = ("teacher", "student")
 RESULTS_FILE = "results.json"
+SAMPLES_FILE = "samples.safetensors"
 
 Check = Callable[[Any, str], Any]
 _MISSING = object()
@@ -28,26 +33,16 @@ class ResultsError(UsageError):
     """A results file is missing, unreadable, not strict JSON, or breaks the results schema."""
 
 
-class _Bad(Exception):
-    """A schema violation at ``path`` (turned into a :class:`ResultsError` by :func:`validate_results`)."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-
-
 # ----------------------------------------------------------------------------- entry points
-def read_results(path: str | Path) -> dict[str, Any]:
+def load_results(path: str | Path) -> dict[str, Any]:
     """Read and validate a results.json (a directory holding one is accepted too)."""
-    from robkd.utils.io import read_json
-
     p = Path(path)
     if p.is_dir():
         p = p / RESULTS_FILE
     return validate_results(read_json(p, what="results file", error=ResultsError), str(p))
 
 
-def check_header(result: Any, where: str = "results") -> dict[str, Any]:
+def check_schema(result: Any, where: str = "results") -> dict[str, Any]:
     """The minimum every renderer input needs: an object of a supported ``schema_version`` with
     ``teacher`` and ``student`` objects. Raises :class:`ResultsError`."""
     if not isinstance(result, dict):
@@ -60,7 +55,7 @@ def check_header(result: Any, where: str = "results") -> dict[str, Any]:
             f"{where}: unsupported results schema_version {esc_text(repr(version)[:40], keep='')}; this robkd reads "
             f"{', '.join(SUPPORTED_SCHEMA_VERSIONS)} (re-run the audit, or use a matching robkd version)"
         )
-    for key in ("teacher", "student"):
+    for key in ROLES:
         if not isinstance(result.get(key), dict):
             raise ResultsError(f"{where}: missing or malformed {key!r} section")
     return result
@@ -68,7 +63,7 @@ def check_header(result: Any, where: str = "results") -> dict[str, Any]:
 
 def validate_results(result: Any, where: str = "results") -> dict[str, Any]:
     """``result`` if it follows the results schema, else :class:`ResultsError` naming the first bad key path."""
-    check_header(result, where)
+    check_schema(result, where)
     try:
         _result(result, "", nested=False)
     except _Bad as bad:
@@ -76,7 +71,15 @@ def validate_results(result: Any, where: str = "results") -> dict[str, Any]:
     return result
 
 
-# ----------------------------------------------------------------------------- checks
+# ----------------------------------------------------------------------------- validation
+class _Bad(Exception):
+    """A schema violation at ``path`` (turned into a :class:`ResultsError` by :func:`validate_results`)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 def _at(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
@@ -152,7 +155,7 @@ def _opt(check: Check) -> Check:
     return lambda v, p: None if v is None else check(v, p)
 
 
-def _one_of(choices: tuple[str, ...]) -> Check:
+def _one_of(choices: Sequence[str]) -> Check:
     def check(v: Any, p: str) -> str:
         if v not in choices:
             _expect(p, " or ".join(repr(c) for c in choices), v)
@@ -188,42 +191,37 @@ def _proportion(v: Any, p: str, *, extra: str | None = None) -> dict[str, Any]:
     return d
 
 
-def _ratio(v: Any, p: str) -> dict[str, Any]:
+def _ratio(v: Any, p: str) -> None:
     d = _obj(v, p)
     for key in ("value", "ci_low", "ci_high"):
         _field(d, key, p, _opt(_non_negative), required=False)
-    return d
 
 
 def _radius_row(v: Any, p: str) -> None:
     d = _obj(v, p)
     _field(d, "worst", p, _proportion)
-    after = _field(d, "after_attack", p, _obj)
-    for attack, entry in after.items():
+    for attack, entry in _field(d, "after_attack", p, _obj).items():
         _proportion(entry, _at(_at(p, "after_attack"), attack))
 
 
-def _certification(n_radii: int) -> Check:
-    def row(v: Any, p: str) -> None:
-        d = _obj(v, p)
-        _field(d, "certified", p, _proportion)
-        _field(d, "empirical", p, _proportion, required=False)
-
-    def check(v: Any, p: str) -> None:
-        d = _obj(v, p)
-        if _field(d, "status", p, _str) == "ok":
-            _field(d, "per_radius", p, _list(row, length=n_radii))
-
-    return check
+def _cert_row(v: Any, p: str) -> None:
+    d = _obj(v, p)
+    _field(d, "certified", p, _proportion)
+    _field(d, "empirical", p, _proportion, required=False)
 
 
 def _model(n_radii: int) -> Check:
+    def certification(v: Any, p: str) -> None:
+        d = _obj(v, p)
+        if _field(d, "status", p, _str) == "ok":
+            _field(d, "per_radius", p, _list(_cert_row, length=n_radii))
+
     def check(v: Any, p: str) -> None:
         d = _obj(v, p)
         _field(d, "model", p, _obj, required=False)
         _field(d, "clean", p, _proportion)
         _field(d, "per_radius", p, _list(_radius_row, length=n_radii))
-        _field(d, "certification", p, _opt(_certification(n_radii)), required=False)
+        _field(d, "certification", p, _opt(certification), required=False)
 
     return check
 
@@ -284,7 +282,7 @@ def _result(v: Any, p: str, *, nested: bool) -> None:
     """A whole results object; ``nested``: the ``before`` audit of a repair result."""
     d = _obj(v, p)
     _field(d, "schema_version", p, _one_of(SUPPORTED_SCHEMA_VERSIONS))
-    _field(d, "kind", p, _one_of(("robkd-audit",) if nested else KINDS))
+    _field(d, "kind", p, _one_of(KINDS[:1] if nested else KINDS))
     _field(d, "created", p, _str, required=False)
     _field(d, "command", p, _opt(_list(_str)))
     for key in ("config", "data"):
@@ -297,7 +295,7 @@ def _result(v: Any, p: str, *, nested: bool) -> None:
     _field(d, "attacks", p, _list(_str, non_empty=True))
     _field(d, "cascade_order", p, _list(_str, non_empty=True), required=False)
     _field(d, "confidence", p, _number(0.0, 1.0, "a number in [0, 1]"), required=False)
-    for role in ("teacher", "student"):
+    for role in ROLES:
         _field(d, role, p, _model(n))
     _field(d, "transfer", p, _list(_transfer_row, length=n))
     _field(d, "prop2", p, _opt(_prop2), required=False)
