@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from helpers import train_plain
+
 os.environ.setdefault("ROBKD_NO_PROGRESS", "1")
 
 
@@ -35,28 +37,6 @@ def fmnist_train():
     return load_dataset("fashion-mnist-slice", "train")
 
 
-def _train_plain(model, data, epochs: int, seed: int, lr: float = 0.05):
-    """A minimal seeded SGD loop (standard training) for test fixtures."""
-    import torch
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(data), generator=g)
-        for s in range(0, len(data), 64):
-            idx = perm[s : s + 64]
-            x, y = data.float_x(idx), data.y[idx]
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    return model
-
-
 @pytest.fixture(scope="session")
 def trained_cnn(fmnist_train):
     """A non-robust ``robkd:cnn_small`` trained on the Fashion-MNIST slice (~75-80% clean)."""
@@ -64,7 +44,7 @@ def trained_cnn(fmnist_train):
 
     torch.manual_seed(0)  # the initial weights too: the fixture is the same model in every run
     m = build_model("robkd:cnn_small", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,), dataset="fashion-mnist")
-    return _train_plain(m, fmnist_train, epochs=4, seed=0)
+    return train_plain(m, fmnist_train, epochs=4, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +54,7 @@ def trained_mlp(fmnist_train):
 
     torch.manual_seed(1)
     m = build_model("robkd:mlp", input_shape=(1, 28, 28), num_classes=10, dataset="fashion-mnist", arch_kwargs={"hidden": [64, 32]})
-    return _train_plain(m, fmnist_train, epochs=4, seed=1)
+    return train_plain(m, fmnist_train, epochs=4, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -96,4 +76,4 @@ def st_pair_fmnist():
     cnn = build_model("robkd:cnn_small", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,), dataset="fashion-mnist")
     torch.manual_seed(1)
     mlp = build_model("robkd:mlp", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,), dataset="fashion-mnist", arch_kwargs={"hidden": [100]})
-    return _train_plain(cnn, train, epochs=2, seed=0), _train_plain(mlp, train, epochs=2, seed=1)
+    return train_plain(cnn, train, epochs=2, seed=0), train_plain(mlp, train, epochs=2, seed=1)

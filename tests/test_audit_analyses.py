@@ -61,7 +61,7 @@ def test_unsupported_model_still_completes(trained_cnn):
     cert = d["student"]["certification"]
     assert cert["status"] == "unsupported" and cert["unsupported"] and "Tanh" in " ".join(cert["unsupported"]) + cert["reason"]
     # a gate on an unavailable certified figure fails with a reason instead of crashing
-    from robkd.auditing.gates import judge
+    from robkd.auditing.judging import judge
 
     r = judge("student.certified@0.02 >= 0", res.metric)
     assert not r.passed and "undefined" in r.reason

@@ -9,6 +9,7 @@ import torch
 
 import robkd.cli.main as cli_main
 from robkd.models import load_model
+from robkd.models.identity import model_sha256
 from robkd.utils.io import sha256_file
 
 def main(argv):
@@ -70,8 +71,12 @@ def test_repair_fine_tunes_student_without_audit(tmp_path, teacher_file):
     assert rc == 0
     m = load_model(out)
     prov = m.meta.provenance
-    assert prov["method"] == "kdiga" and prov["teacher_sha256"] == sha256_file(teacher_file)
-    assert prov["student_init"]["sha256"] == sha256_file(student)
+    # the file hashes under their own keys; teacher_sha256 / student_init.sha256 are the models' identity (the audit's
+    # weights_sha256), however the model was passed
+    assert prov["method"] == "kdiga" and prov["teacher_file_sha256"] == sha256_file(teacher_file)
+    assert prov["student_init"]["file_sha256"] == sha256_file(student)
+    assert prov["teacher_sha256"] == model_sha256(load_model(teacher_file))
+    assert prov["student_init"]["sha256"] == model_sha256(load_model(student))
     assert prov["hyperparameters"]["lambda_iga"] == 1.0 and prov["hyperparameters"]["iga_form"] == "per-sample"
     assert not (tmp_path / "repaired.pt.audit").exists()
 
@@ -129,7 +134,7 @@ def test_repair_state_dict_student_with_student_arch(tmp_path, teacher_file):
     rc = main(["repair", str(teacher_file), str(tmp_path / "sd.pt"), "--student-arch", "robkd:cnn_small",
                "--method", "kd", "--out", str(out), "--no-audit", *FAST])
     assert rc == 0
-    assert load_model(out).meta.provenance["student_init"]["sha256"] == sha256_file(tmp_path / "sd.pt")
+    assert load_model(out).meta.provenance["student_init"]["file_sha256"] == sha256_file(tmp_path / "sd.pt")
 
 
 def test_repair_given_student_reports_before_and_after(tmp_path, teacher_file):

@@ -172,11 +172,11 @@ def test_an_error_on_one_rank_ends_the_launch_at_once_with_its_exit_code(model_f
     (hook / "sitecustomize.py").write_text(
         "import os\n"
         f"if os.environ.get('RANK') == '{failing_rank}':\n"
-        "    import robkd.auditing.core as core\n"
+        "    import robkd.auditing.stages as stages\n"
         "    from robkd.errors import UsageError\n"
         "    def _boom(*a, **k):\n"
         "        raise UsageError('injected failure on this rank')\n"
-        "    core._run_suite = _boom\n")
+        "    stages.run_suite = _boom\n")
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(hook)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["ROBKD_DIST_TIMEOUT_S"] = "120"

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from robkd.auditing.gates import GateError, Interval, Num, Ref, judge, parse_gate, validate_gate
+from robkd.auditing.gates import GateError, Interval, Num, Ref, parse_gate, validate_gate
+from robkd.auditing.judging import judge
 from robkd.errors import UsageError
 
 RADII = [0.05, 0.1, 8 / 255]

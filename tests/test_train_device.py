@@ -18,7 +18,7 @@ from robkd.data import eval_subset, train_val_split
 from robkd.distill import TrainConfig, Trainer, load_train_state
 from robkd.models import load_model
 
-from test_trainer import _mlp
+from helpers import mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -53,7 +53,7 @@ def split(fmnist_train):
 @pytest.fixture(scope="module")
 def teacher(split):
     """A small teacher trained on the CPU (each run below gets its own copy: the trainer moves it in place)."""
-    t = _mlp(5, hidden=(48,))
+    t = mlp(5, hidden=(48,))
     Trainer(t, TrainConfig(method="st", epochs=2, batch_size=32, lr=0.05, val_n=0, select="last"), split[0], None,
             show_progress=False).fit()
     return t
@@ -63,7 +63,7 @@ def _trainer(method: str, device: str, split, teacher, state_path=None, seed_mod
     tr, va = split
     cfg = TrainConfig(method=method, device=device, **{**BASE, **RUNS[method], **extra})
     t = copy.deepcopy(teacher) if cfg.uses_teacher else None
-    return Trainer(_mlp(seed_model), cfg, tr, va, t, dataset="fashion-mnist", default_eps=0.1, state_path=state_path,
+    return Trainer(mlp(seed_model), cfg, tr, va, t, dataset="fashion-mnist", default_eps=0.1, state_path=state_path,
                    show_progress=False)
 
 
@@ -112,7 +112,7 @@ def test_cuda_matches_cpu(tmp_path, split, teacher, method):
     # the CUDA run's checkpoint is all CPU tensors, even without map_location, and loads into a CPU model
     raw = torch.load(tmp_path / "gpu.pt", weights_only=True)
     assert _cpu_tensors(raw["model"]) and _cpu_tensors(raw["optimizer"]) and _cpu_tensors(raw["delta"])
-    m = _mlp(3)
+    m = mlp(3)
     m.load_state_dict(raw["model"])
     x = split[1].float_x(slice(0, 16))
     torch.testing.assert_close(m.eval()(x), gpu.student.eval()(x.to(GPU)).cpu(), rtol=1e-4, atol=1e-5)

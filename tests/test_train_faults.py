@@ -15,7 +15,7 @@ import torch
 from badinput import expect_failure, run_cli
 from robkd.data import eval_subset, train_val_split
 from robkd.distill import TrainConfig, Trainer, TrainingDivergedError, evaluate_robust, load_train_state
-from robkd.distill.trainer import finite_or_none, nonfinite_tensors
+from robkd.distill.checks import finite_or_none, nonfinite_tensors
 from robkd.errors import ModelRuntimeError, UsageError
 from robkd.models import build_model, load_model, save_model
 

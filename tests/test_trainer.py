@@ -10,15 +10,11 @@ import torch
 from robkd.data import eval_subset, train_val_split
 from robkd.distill import TrainConfig, Trainer, evaluate_robust, load_train_state
 from robkd.distill import objectives as O
-from robkd.distill.trainer import augment_batch
+from robkd.distill.augment import augment_batch
 from robkd.errors import IncompatibleModelsError, UsageError
 from robkd.models import build_model
 
-
-def _mlp(seed: int, hidden=(32,)):
-    torch.manual_seed(seed)
-    return build_model("robkd:mlp", input_shape=(1, 28, 28), num_classes=10, mean=(0.286,), std=(0.353,),
-                       arch_kwargs={"hidden": list(hidden)})
+from helpers import mlp
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +25,7 @@ def split(fmnist_train):
 
 @pytest.fixture(scope="module")
 def teacher(split):
-    t = _mlp(5, hidden=(48,))
+    t = mlp(5, hidden=(48,))
     cfg = TrainConfig(method="st", epochs=2, batch_size=64, lr=0.05, val_n=0, select="last")
     Trainer(t, cfg, split[0], None, show_progress=False).fit()
     return t
@@ -49,16 +45,16 @@ def test_resume_equals_uninterrupted(tmp_path, split, teacher, method, extra):
     tr, va = split
     cfg = TrainConfig(method=method, **{**SMALL, **extra})
     t = teacher if cfg.uses_teacher else None
-    a = _mlp(1)
+    a = mlp(1)
     log_a = Trainer(a, cfg, tr, va, t, dataset="fashion-mnist", default_eps=0.1, state_path=tmp_path / "a.pt", show_progress=False).fit()
     # interrupted run: stop mid-epoch (after 3 batches of 4), then again in the next epoch, resume with a fresh process-like state
-    b = _mlp(1)
+    b = mlp(1)
     Trainer(b, cfg, tr, va, t, dataset="fashion-mnist", default_eps=0.1, state_path=tmp_path / "b.pt", show_progress=False).fit(max_steps=3)
     torch.manual_seed(999)  # disturb the global RNG as a new process would
-    b2 = _mlp(77)  # different init: everything must come from the checkpoint
+    b2 = mlp(77)  # different init: everything must come from the checkpoint
     part = Trainer(b2, cfg, tr, va, t, dataset="fashion-mnist", default_eps=0.1, state_path=tmp_path / "b.pt", show_progress=False).fit(resume=True, max_steps=2)
     assert not part.finished
-    b3 = _mlp(78)
+    b3 = mlp(78)
     log_b = Trainer(b3, cfg, tr, va, t, dataset="fashion-mnist", default_eps=0.1, state_path=tmp_path / "b.pt", show_progress=False).fit(resume=True)
     assert log_b.finished and log_a.finished
     sa, sb = a.state_dict(), b3.state_dict()
@@ -73,7 +69,7 @@ def test_resume_equals_uninterrupted(tmp_path, split, teacher, method, extra):
 
 def test_multistep_schedule_really_decays(split):
     cfg = TrainConfig(method="st", epochs=4, batch_size=128, lr=0.1, milestones=(0.5, 0.75), val_n=0, select="last")
-    log = Trainer(_mlp(0), cfg, split[0], None, show_progress=False).fit()
+    log = Trainer(mlp(0), cfg, split[0], None, show_progress=False).fit()
     assert [r["lr"] for r in log.records] == pytest.approx([0.1, 0.1, 0.01, 0.001])
 
 
@@ -81,14 +77,14 @@ def test_milestones_landing_on_one_epoch_apply_both_decays(split):
     """3 passes, milestones at 0.5 and 0.75: both round to pass 2, where the rate must fall by gamma^2
     (a set of milestones would drop one decay, like the reference code's LR helper)."""
     cfg = TrainConfig(method="st", epochs=3, batch_size=128, lr=0.1, milestones=(0.5, 0.75), val_n=0, select="last")
-    log = Trainer(_mlp(0), cfg, split[0], None, show_progress=False).fit()
+    log = Trainer(mlp(0), cfg, split[0], None, show_progress=False).fit()
     assert [r["lr"] for r in log.records] == pytest.approx([0.1, 0.1, 0.001])
 
 
 def test_val_robust_selection_returns_best_epoch(split):
     tr, va = split
     cfg = TrainConfig(method="at", epochs=3, batch_size=64, lr=0.05, steps=2, val_n=64, val_steps=3, select="val-robust")
-    m = _mlp(2)
+    m = mlp(2)
     tl = Trainer(m, cfg, tr, va, dataset="fashion-mnist", default_eps=0.1, show_progress=False).fit()
     best = max(tl.records, key=lambda r: (r["val_robust"], r["val_clean"]))
     assert tl.selected_epoch == best["epoch"]
@@ -104,7 +100,7 @@ def test_teacher_is_frozen_and_cached(split, teacher):
     t.train()
     before = {k: v.clone() for k, v in t.state_dict().items()}
     cfg = TrainConfig(method="kdiga", epochs=1, batch_size=64, lr=0.05, val_n=0, select="last")
-    tr = Trainer(_mlp(3), cfg, split[0], None, t, dataset="fashion-mnist", default_eps=0.1, show_progress=False)
+    tr = Trainer(mlp(3), cfg, split[0], None, t, dataset="fashion-mnist", default_eps=0.1, show_progress=False)
     assert tr.use_cache
     tr.fit()
     assert not t.training
@@ -128,7 +124,7 @@ def test_bn_dropout_teacher_is_frozen_without_cache(split, method, extra):
     modes: list[tuple[bool, ...]] = []
     t.register_forward_pre_hook(lambda m, inp: modes.append(tuple(sub.training for sub in m.modules())))
     cfg = TrainConfig(method=method, epochs=1, batch_size=64, lr=0.05, steps=2, val_n=0, select="last", **extra)
-    tr = Trainer(_mlp(3), cfg, split[0], None, t, dataset="fashion-mnist", default_eps=0.1, show_progress=False)
+    tr = Trainer(mlp(3), cfg, split[0], None, t, dataset="fashion-mnist", default_eps=0.1, show_progress=False)
     assert not tr.use_cache and tr.config.cache_teacher is False
     log = tr.fit()
     assert log.finished and log.global_step == 4
@@ -147,12 +143,12 @@ def test_recorded_cache_teacher_is_the_effective_value(split, teacher):
     cases = [("kdiga-arda", True, False), ("kdiga-arda", None, False), ("kdiga", None, True), ("kdiga", True, True),
              ("kdiga", False, False), ("ard", None, True)]
     for method, asked, used in cases:
-        t = Trainer(_mlp(3), TrainConfig(method=method, cache_teacher=asked, val_n=0, select="last"), tr, None, teacher,
+        t = Trainer(mlp(3), TrainConfig(method=method, cache_teacher=asked, val_n=0, select="last"), tr, None, teacher,
                     dataset="fashion-mnist", default_eps=0.1, show_progress=False)
         assert (t.use_cache, t.config.cache_teacher) == (used, used), (method, asked)
-    st = Trainer(_mlp(3), TrainConfig(method="st", val_n=0, select="last"), tr, None, dataset="fashion-mnist", show_progress=False)
+    st = Trainer(mlp(3), TrainConfig(method="st", val_n=0, select="last"), tr, None, dataset="fashion-mnist", show_progress=False)
     assert st.config.cache_teacher is False
-    crop = Trainer(_mlp(3), TrainConfig(method="kd", augment="crop", val_n=0, select="last"), tr, None, teacher,
+    crop = Trainer(mlp(3), TrainConfig(method="kd", augment="crop", val_n=0, select="last"), tr, None, teacher,
                    dataset="fashion-mnist", default_eps=0.1, show_progress=False)
     assert crop.config.cache_teacher is False
     # end to end: the saved provenance of a kdiga-arda run asked to cache records that it did not
@@ -170,7 +166,7 @@ def test_cache_does_not_change_the_objective(split, teacher):
     cache = O.TeacherCache(teacher, tr, grads=True)
     idx = torch.tensor([5, 17, 100, 3])
     x, y = tr.float_x(idx), tr.y[idx]
-    s = _mlp(4)
+    s = mlp(4)
     ctx_c = O.StepContext(s, teacher, cfg, torch.Generator().manual_seed(0), cache)
     ctx_n = O.StepContext(s, teacher, cfg, torch.Generator().manual_seed(0), None)
     lc, tc = O.obj_kdiga(ctx_c, x, y, idx)
@@ -183,7 +179,7 @@ def test_fast_ard_replay_keeps_perturbation(split, teacher):
     """m replays of one batch = m free steps; checked against an explicit re-implementation."""
     tr, _ = split
     cfg = TrainConfig(method="fast-ard", epochs=2, replays=3, batch_size=8, lr=0.05, val_n=0, select="last", temperature=2.0)
-    trainer = Trainer(_mlp(6), cfg, tr, None, teacher, dataset="fashion-mnist", default_eps=0.1, show_progress=False)
+    trainer = Trainer(mlp(6), cfg, tr, None, teacher, dataset="fashion-mnist", default_eps=0.1, show_progress=False)
     c = trainer.config
     assert c.step_size == pytest.approx(0.1)  # free training steps by eps
     x, y = tr.float_x(slice(0, 8)), tr.y[:8]
@@ -258,19 +254,19 @@ def test_augmentation_crop_and_flip():
 def test_bad_inputs(split, teacher):
     tr, va = split
     with pytest.raises(UsageError):
-        Trainer(_mlp(0), TrainConfig(method="kd"), tr, va, None, default_eps=0.1)
+        Trainer(mlp(0), TrainConfig(method="kd"), tr, va, None, default_eps=0.1)
     with pytest.raises(UsageError):
-        Trainer(_mlp(0), TrainConfig(method="st"), tr, va, teacher, default_eps=0.1)
+        Trainer(mlp(0), TrainConfig(method="st"), tr, va, teacher, default_eps=0.1)
     with pytest.raises(UsageError):
         TrainConfig.from_dict({"method": "st", "learning_rate": 0.1})
     with pytest.raises(UsageError):
-        Trainer(_mlp(0), TrainConfig(method="st", epochs=0), tr, va, default_eps=0.1)
+        Trainer(mlp(0), TrainConfig(method="st", epochs=0), tr, va, default_eps=0.1)
     with pytest.raises(UsageError):
-        Trainer(_mlp(0), TrainConfig(method="nope"), tr, va, default_eps=0.1)
+        Trainer(mlp(0), TrainConfig(method="nope"), tr, va, default_eps=0.1)
     with pytest.raises(UsageError):
-        Trainer(_mlp(0), TrainConfig(method="at", eps=-1.0), tr, va)
+        Trainer(mlp(0), TrainConfig(method="at", eps=-1.0), tr, va)
     with pytest.raises(UsageError):
-        Trainer(_mlp(0), TrainConfig(method="kd", cache_teacher=True, augment="crop"), tr, va, teacher, default_eps=0.1)
+        Trainer(mlp(0), TrainConfig(method="kd", cache_teacher=True, augment="crop"), tr, va, teacher, default_eps=0.1)
     wrong = build_model("robkd:mlp", input_shape=(3, 32, 32), num_classes=10)
     with pytest.raises(IncompatibleModelsError):
         Trainer(wrong, TrainConfig(method="st"), tr, va, default_eps=0.1)
@@ -279,18 +275,18 @@ def test_bad_inputs(split, teacher):
 def test_resume_refuses_changed_options(tmp_path, split):
     tr, va = split
     cfg = TrainConfig(method="st", epochs=2, batch_size=64, val_n=0, select="last")
-    Trainer(_mlp(0), cfg, tr, None, state_path=tmp_path / "s.pt", show_progress=False).fit(max_steps=1)
+    Trainer(mlp(0), cfg, tr, None, state_path=tmp_path / "s.pt", show_progress=False).fit(max_steps=1)
     cfg2 = TrainConfig(method="st", epochs=2, batch_size=64, val_n=0, select="last", lr=0.5)
     with pytest.raises(UsageError, match="lr"):
-        Trainer(_mlp(0), cfg2, tr, None, state_path=tmp_path / "s.pt", show_progress=False).fit(resume=True)
+        Trainer(mlp(0), cfg2, tr, None, state_path=tmp_path / "s.pt", show_progress=False).fit(resume=True)
 
 
 def test_resume_refuses_another_teacher_or_dataset(tmp_path, split, teacher):
-    from robkd.distill import model_sha256
+    from robkd.models.identity import model_sha256
 
     tr, _ = split
     cfg = TrainConfig(method="kd", epochs=2, batch_size=64, val_n=0, select="last")
-    Trainer(_mlp(0), cfg, tr, None, teacher, dataset="fashion-mnist", state_path=tmp_path / "s.pt", show_progress=False).fit(max_steps=1)
+    Trainer(mlp(0), cfg, tr, None, teacher, dataset="fashion-mnist", state_path=tmp_path / "s.pt", show_progress=False).fit(max_steps=1)
     st = load_train_state(tmp_path / "s.pt")
     h = model_sha256(teacher)
     assert (st["teacher_sha256"], st["dataset"]) == (h, "fashion-mnist")
@@ -300,20 +296,20 @@ def test_resume_refuses_another_teacher_or_dataset(tmp_path, split, teacher):
     h2 = model_sha256(other)
     assert h2 != h
     with pytest.raises(UsageError) as e:
-        Trainer(_mlp(0), cfg, tr, None, other, dataset="fashion-mnist", state_path=tmp_path / "s.pt", show_progress=False).fit(resume=True)
+        Trainer(mlp(0), cfg, tr, None, other, dataset="fashion-mnist", state_path=tmp_path / "s.pt", show_progress=False).fit(resume=True)
     assert h in str(e.value) and h2 in str(e.value)
     with pytest.raises(UsageError) as e:
-        Trainer(_mlp(0), cfg, tr, None, teacher, dataset="mnist", state_path=tmp_path / "s.pt", show_progress=False).fit(resume=True)
+        Trainer(mlp(0), cfg, tr, None, teacher, dataset="mnist", state_path=tmp_path / "s.pt", show_progress=False).fit(resume=True)
     assert "'fashion-mnist'" in str(e.value) and "'mnist'" in str(e.value)
     # the same teacher and dataset resume
-    log = Trainer(_mlp(0), cfg, tr, None, teacher, dataset="fashion-mnist", state_path=tmp_path / "s.pt", show_progress=False).fit(resume=True, max_steps=1)
+    log = Trainer(mlp(0), cfg, tr, None, teacher, dataset="fashion-mnist", state_path=tmp_path / "s.pt", show_progress=False).fit(resume=True, max_steps=1)
     assert log.global_step == 2
     # a teacher-less run records no teacher, and checks the dataset too
     cst = TrainConfig(method="st", epochs=2, batch_size=64, val_n=0, select="last")
-    Trainer(_mlp(0), cst, tr, None, dataset="fashion-mnist", state_path=tmp_path / "t.pt", show_progress=False).fit(max_steps=1)
+    Trainer(mlp(0), cst, tr, None, dataset="fashion-mnist", state_path=tmp_path / "t.pt", show_progress=False).fit(max_steps=1)
     assert load_train_state(tmp_path / "t.pt")["teacher_sha256"] is None
     with pytest.raises(UsageError, match="cifar10"):
-        Trainer(_mlp(0), cst, tr, None, dataset="cifar10", default_eps=0.1, state_path=tmp_path / "t.pt",
+        Trainer(mlp(0), cst, tr, None, dataset="cifar10", default_eps=0.1, state_path=tmp_path / "t.pt",
                 show_progress=False).fit(resume=True)
 
 
@@ -329,7 +325,7 @@ def test_fast_ard_passes_round_up(epochs, replays, passes):
 def test_fast_ard_run_makes_ceil_passes(split, teacher):
     tr, _ = split
     cfg = TrainConfig(method="fast-ard", epochs=5, replays=2, batch_size=128, lr=0.05, val_n=0, select="last")
-    log = Trainer(_mlp(6), cfg, tr, None, teacher, dataset="fashion-mnist", default_eps=0.1, show_progress=False).fit()
+    log = Trainer(mlp(6), cfg, tr, None, teacher, dataset="fashion-mnist", default_eps=0.1, show_progress=False).fit()
     assert [r["epoch"] for r in log.records] == [1, 2, 3]  # round(2.5) would be 2
     assert log.global_step == 3 * 2  # 3 passes of 2 batches (each batch replayed twice)
 
@@ -339,7 +335,7 @@ def test_fast_ard_runs_the_teacher_once_per_minibatch(split, teacher):
     tr, _ = split
     cfg = TrainConfig(method="fast-ard", epochs=2, replays=3, batch_size=8, lr=0.05, val_n=0, select="last",
                       cache_teacher=False)
-    trainer = Trainer(_mlp(6), cfg, tr, None, copy.deepcopy(teacher), dataset="fashion-mnist", default_eps=0.1,
+    trainer = Trainer(mlp(6), cfg, tr, None, copy.deepcopy(teacher), dataset="fashion-mnist", default_eps=0.1,
                       show_progress=False)
     calls = []
     trainer.teacher.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
@@ -353,7 +349,7 @@ def test_fast_ard_runs_the_teacher_once_per_minibatch(split, teacher):
 
 def test_validation_uses_val_n_samples(split):
     tr, va = split
-    t = Trainer(_mlp(0), TrainConfig(method="st", epochs=1, val_n=10), tr, va, default_eps=0.1, show_progress=False)
+    t = Trainer(mlp(0), TrainConfig(method="st", epochs=1, val_n=10), tr, va, default_eps=0.1, show_progress=False)
     assert len(t.val_data) == 10 and set(t.val_data.indices.tolist()) <= set(va.indices.tolist())
 
 
@@ -374,7 +370,7 @@ def test_explicit_cpu_device_is_bit_identical_to_default(split, teacher, method,
     tr, va = split
     base = dict(epochs=1, batch_size=64, lr=0.05, steps=2, val_n=32, val_steps=2, **extra)
     t = teacher if method != "trades" else None
-    a, b = _mlp(2), _mlp(2)
+    a, b = mlp(2), mlp(2)
     log_a = Trainer(a, TrainConfig(method=method, **base), tr, va, t, dataset="fashion-mnist", default_eps=0.1,
                     show_progress=False).fit()
     tb = Trainer(b, TrainConfig(method=method, device="cpu", **base), tr, va, t, dataset="fashion-mnist", default_eps=0.1,
@@ -392,7 +388,7 @@ def test_bad_device_is_a_usage_error(split):
     bad = ["gpu", "meta", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
     for name in bad:
         with pytest.raises(UsageError) as e:
-            Trainer(_mlp(0), TrainConfig(method="st", device=name, val_n=0, select="last"), tr, None, default_eps=0.1)
+            Trainer(mlp(0), TrainConfig(method="st", device=name, val_n=0, select="last"), tr, None, default_eps=0.1)
         assert "\n" not in str(e.value) and name in str(e.value)
     with pytest.raises(UsageError):
         TrainConfig(method="st", device=3).resolve(0.1, None)  # type: ignore[arg-type]
@@ -404,10 +400,10 @@ def test_state_holds_cpu_tensors_and_resumes_when_the_device_changed(tmp_path, s
     """The device may change on resume (CUDA -> CPU is checked on a GPU in tests/test_train_device.py)."""
     tr, va = split
     cfg = TrainConfig(method="fast-ard", epochs=2, replays=2, batch_size=64, lr=0.05, val_n=32, val_steps=2)
-    a = _mlp(1)
+    a = mlp(1)
     Trainer(a, cfg, tr, va, teacher, dataset="fashion-mnist", default_eps=0.1, show_progress=False).fit()
     path = tmp_path / "s.pt"
-    Trainer(_mlp(1), cfg, tr, va, teacher, dataset="fashion-mnist", default_eps=0.1, state_path=path,
+    Trainer(mlp(1), cfg, tr, va, teacher, dataset="fashion-mnist", default_eps=0.1, state_path=path,
             show_progress=False).fit(max_steps=2)
     st = torch.load(path, weights_only=True)  # no map_location needed: everything was saved from CPU copies
     tensors = list(st["model"].values()) + [st["delta"]]
@@ -419,7 +415,7 @@ def test_state_holds_cpu_tensors_and_resumes_when_the_device_changed(tmp_path, s
     assert saved["device"] == "cpu"
     st["config"] = json.dumps({**saved, "device": "cuda"}, sort_keys=True)  # as if saved by a run on a GPU
     torch.save(st, path)
-    b = _mlp(9)
+    b = mlp(9)
     log = Trainer(b, cfg, tr, va, teacher, dataset="fashion-mnist", default_eps=0.1, state_path=path,
                   show_progress=False).fit(resume=True)
     assert log.finished

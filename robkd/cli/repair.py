@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from robkd.cli.train import OBJECTIVES_HELP, STUDENT_METHODS, add_train_args, hparams_from_args, parse_arch_kwargs
+from robkd.cli.train import OBJECTIVES_HELP, add_train_args, hparams_from_args, parse_arch_kwargs
+from robkd.distill.config import STUDENT_METHODS
 
 
 def register(sub: "argparse._SubParsersAction") -> None:

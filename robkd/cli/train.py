@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-TEACHER_METHODS = ("st", "at", "trades")
-STUDENT_METHODS = ("kd", "ard", "fast-ard", "kdiga", "kdiga-ardc", "kdiga-arda")
+from robkd.distill.config import AUGMENTS, IGA_FORMS, SCHEDULES, SELECTS, STUDENT_METHODS, TEACHER_METHODS, TrainConfig
+
+#: the defaults of every option: TrainConfig's (torch is not imported for --help)
+DEFAULTS = TrainConfig()
 
 OBJECTIVES_HELP = """objectives (S student, T teacher, tau temperature; KL batchmean, CE batch mean):
   st          CE(S(x), y)
@@ -39,49 +41,55 @@ is saved, the last good training state is kept (--state), nothing non-finite is 
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Every training hyperparameter (shared by ``train`` and ``repair``); defaults = the papers'."""
+    """Every training hyperparameter (shared by ``train`` and ``repair``); defaults = the papers' (:class:`TrainConfig`)."""
+    d = DEFAULTS
     g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=10, help="training epochs (Fast-ARD runs ceil(epochs/m) passes, rounded up) (default: 10)")
-    g.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
-    g.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate (default: 0.1)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=2e-4, help="weight decay (default: 2e-4, KDIGA/ARD papers on CIFAR-10)")
-    g.add_argument("--schedule", choices=("multistep", "cosine", "constant"), default="multistep",
-                   help="LR schedule, torch.optim.lr_scheduler, stepped per epoch (default: multistep)")
-    g.add_argument("--milestones", default="0.5,0.75",
-                   help="MultiStepLR milestones as fractions of the run (default: 0.5,0.75 = epochs 100,150 of 200)")
-    g.add_argument("--lr-gamma", type=float, default=0.1, help="LR factor at each milestone (default: 0.1)")
-    g.add_argument("--augment", choices=("auto", "none", "crop", "crop-flip", "flip"), default="auto",
-                   help="augmentation (default: auto = crop+flip for CIFAR, none for Fashion-MNIST/MNIST)")
+    g.add_argument("--epochs", type=int, default=d.epochs,
+                   help=f"training epochs (Fast-ARD runs ceil(epochs/m) passes, rounded up) (default: {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default: {d.batch_size})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"initial SGD learning rate (default: {d.lr:g})")
+    g.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default: {d.momentum:g})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"weight decay (default: {d.weight_decay:g}, KDIGA/ARD papers on CIFAR-10)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help=f"LR schedule, torch.optim.lr_scheduler, stepped per epoch (default: {d.schedule})")
+    milestones = ",".join(f"{m:g}" for m in d.milestones)
+    g.add_argument("--milestones", default=milestones,
+                   help=f"MultiStepLR milestones as fractions of the run (default: {milestones} = epochs 100,150 of 200)")
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help=f"LR factor at each milestone (default: {d.lr_gamma:g})")
+    g.add_argument("--augment", choices=AUGMENTS, default=d.augment,
+                   help=f"augmentation (default: {d.augment} = crop+flip for CIFAR, none for Fashion-MNIST/MNIST)")
     g.add_argument("--train-n", type=int, help="train on a seeded subset of this many samples")
     o = p.add_argument_group("objective")
-    o.add_argument("--lambda-ce", type=float, default=0.5, help="CE weight for kd/kdiga* (default: 0.5, KDIGA paper)")
-    o.add_argument("--lambda-kl", type=float, default=0.5, help="KL weight for kd/kdiga* (default: 0.5, KDIGA paper)")
+    o.add_argument("--lambda-ce", type=float, default=d.lambda_ce, help=f"CE weight for kd/kdiga* (default: {d.lambda_ce:g}, KDIGA paper)")
+    o.add_argument("--lambda-kl", type=float, default=d.lambda_kl, help=f"KL weight for kd/kdiga* (default: {d.lambda_kl:g}, KDIGA paper)")
     o.add_argument("--lambda-iga", type=float, help="IGA weight (default: 1 for --iga-form per-sample, 1000 = gamma for reference)")
-    o.add_argument("--iga-form", choices=("per-sample", "reference"), default="per-sample",
-                   help="IGA convention (default: per-sample, mean_i ||g_s,i - g_t,i||_2; see below)")
+    o.add_argument("--iga-form", choices=IGA_FORMS, default=d.iga_form,
+                   help=f"IGA convention (default: {d.iga_form}, mean_i ||g_s,i - g_t,i||_2; see below)")
     o.add_argument("--temperature", type=float, help="distillation temperature tau (default for ard/fast-ard: 5 on CIFAR-100, else 30 (ARD paper, CIFAR-10); 1 otherwise)")
-    o.add_argument("--alpha", type=float, default=1.0, help="ARD weight of the KL term (default: 1, ARD paper)")
-    o.add_argument("--beta", type=float, default=6.0, help="TRADES beta (default: 6)")
-    o.add_argument("--replays", "-m", type=int, default=4, help="Fast-ARD minibatch replays m (default: 4)")
+    o.add_argument("--alpha", type=float, default=d.alpha, help=f"ARD weight of the KL term (default: {d.alpha:g}, ARD paper)")
+    o.add_argument("--beta", type=float, default=d.beta, help=f"TRADES beta (default: {d.beta:g})")
+    o.add_argument("--replays", "-m", type=int, default=d.replays, help=f"Fast-ARD minibatch replays m (default: {d.replays})")
     a = p.add_argument_group("training attack")
-    a.add_argument("--norm", default="Linf", help="threat model norm, Linf or L2 (default: Linf)")
+    a.add_argument("--norm", default=d.norm, help=f"threat model norm, Linf or L2 (default: {d.norm})")
     a.add_argument("--eps", help="training radius (default: the dataset's: 0.1 fashion-mnist, 8/255 cifar, 0.3 mnist)")
     a.add_argument("--step-size", help="attack step (default: eps/4; Fast-ARD: eps)")
-    a.add_argument("--steps", type=int, default=10, help="attack steps (default: 10)")
+    a.add_argument("--steps", type=int, default=d.steps, help=f"attack steps (default: {d.steps})")
     a.add_argument("--attack-train-mode", action="store_true",
                    help="run the training attack with the student in train mode (ARD reference behaviour; updates BatchNorm statistics). Default: eval mode")
     v = p.add_argument_group("validation and selection")
-    v.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from the training data (default: 0.1)")
-    v.add_argument("--val-n", type=int, default=1000, help="validation samples evaluated per epoch (default: 1000; 0 = none)")
-    v.add_argument("--val-steps", type=int, default=10, help="PGD steps of the validation attack at the training radius (default: 10)")
-    v.add_argument("--select", choices=("val-robust", "last"), default="val-robust",
-                   help="keep the epoch of best validation robust accuracy, or the last (default: val-robust)")
+    v.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"validation split carved from the training data (default: {d.val_fraction:g})")
+    v.add_argument("--val-n", type=int, default=d.val_n, help=f"validation samples evaluated per epoch (default: {d.val_n}; 0 = none)")
+    v.add_argument("--val-steps", type=int, default=d.val_steps,
+                   help=f"PGD steps of the validation attack at the training radius (default: {d.val_steps})")
+    v.add_argument("--select", choices=SELECTS, default=d.select,
+                   help=f"keep the epoch of best validation robust accuracy, or the last (default: {d.select})")
     r = p.add_argument_group("checkpointing")
     r.add_argument("--state", help="training-state file (default: OUT.state.pt)")
     r.add_argument("--log", "--log-file", dest="log",
                    help="per-epoch JSON-lines log (default: OUT.log.jsonl); under torchrun write --log-file (torchrun takes --log for its own --log-dir)")
-    r.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: only per epoch)")
+    r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="also checkpoint every N steps (default: only per epoch)")
     r.add_argument("--resume", action="store_true", help="continue from the training-state file if it exists (refuses other options, another teacher or another dataset)")
     c = r.add_mutually_exclusive_group()
     c.add_argument("--cache-teacher", dest="cache_teacher", action="store_true", default=None,
@@ -92,28 +100,24 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
     add_device_arg(p, what="trains (student, teacher, attacks, teacher cache and validation; data order, augmentation "
                            "and attack random starts are drawn on the CPU, so a seed gives the same batches on any device)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, attacks and split (default: 0)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of initialisation, data order, attacks and split (default: {d.seed})")
     p.add_argument("--data", default="fashion-mnist", help="training dataset (default: fashion-mnist)")
     p.add_argument("--data-dir", help="directory holding the dataset files")
 
 
 def hparams_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`robkd.distill.TrainConfig` fields from parsed flags."""
+    """The :class:`robkd.distill.TrainConfig` fields from parsed flags (one flag per field; ``method`` and
+    ``epochs`` are arguments of :func:`robkd.distill.train` / :func:`robkd.distill.repair` themselves)."""
+    import dataclasses
+
     from robkd.cli.common import parse_floats
     from robkd.types import parse_radius
 
-    return dict(
-        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        schedule=args.schedule, milestones=parse_floats(args.milestones, "--milestones"), lr_gamma=args.lr_gamma,
-        augment=args.augment, train_n=args.train_n, lambda_ce=args.lambda_ce, lambda_kl=args.lambda_kl,
-        lambda_iga=args.lambda_iga, iga_form=args.iga_form, temperature=args.temperature, alpha=args.alpha,
-        beta=args.beta, replays=args.replays, norm=args.norm,
-        eps=parse_radius(args.eps) if args.eps is not None else None,
-        step_size=parse_radius(args.step_size) if args.step_size is not None else None,
-        steps=args.steps, attack_train_mode=args.attack_train_mode, val_fraction=args.val_fraction,
-        val_n=args.val_n, val_steps=args.val_steps, select=args.select, checkpoint_every=args.checkpoint_every,
-        cache_teacher=args.cache_teacher, seed=args.seed, device=args.device,
-    )
+    hp = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("method", "epochs")}
+    hp["milestones"] = parse_floats(args.milestones, "--milestones")
+    for name in ("eps", "step_size"):
+        hp[name] = parse_radius(hp[name]) if hp[name] is not None else None
+    return hp
 
 
 def parse_arch_kwargs(text: str | None) -> dict[str, Any]:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import torch
-
-from robkd.distill.config import STUDENT_METHODS, TrainConfig, _int
-from robkd.distill.trainer import (Trainer, TrainingDivergedError, TrainLog, nonfinite_tensors, remove_stale_temps,
-                                   resolve_device)
-from robkd.errors import OutputError, UsageError
+from robkd.distill.checks import nonfinite_tensors
+from robkd.distill.config import STUDENT_METHODS, TrainConfig, check_int
+from robkd.distill.device import resolve_device
+from robkd.distill.state import TrainLog
+from robkd.distill.trainer import Trainer
+from robkd.errors import OutputError, TrainingDivergedError, UsageError
+from robkd.models.identity import model_sha256
+from robkd.utils.io import remove_stale_temps, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,12 @@ class TrainResult:
         return iter((self.model, self.log))
 
 
-def model_sha256(model_or_path: Any) -> str:
-    """SHA-256 of a model file's bytes, or of a module's state_dict (names, shapes, bytes) in key order."""
-    if isinstance(model_or_path, (str, Path)):
-        from robkd.utils.io import sha256_file
+def _file_sha256(source: Any) -> str | None:
+    """SHA-256 of the bytes of a model file given by path (``None`` for a model passed in memory).
 
-        return sha256_file(model_or_path)
-    h = hashlib.sha256()
-    for k, v in sorted(model_or_path.state_dict().items()):
-        h.update(k.encode())
-        t = v.detach().cpu().contiguous()
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
+    A model's identity is :func:`robkd.models.identity.model_sha256`; this records which file it came from.
+    """
+    return sha256_file(source) if isinstance(source, (str, Path)) else None
 
 
 def _load_data(data: Any, data_dir: Any, val_fraction: float, seed: int, train_n: int | None):
@@ -62,7 +56,7 @@ def _load_data(data: Any, data_dir: Any, val_fraction: float, seed: int, train_n
         raise UsageError("data must be a dataset name (e.g. fashion-mnist) or an ImageData")
     tr, va = train_val_split(full, val_fraction, seed)
     if train_n is not None:
-        _int(train_n, "train_n", 1)  # named as the option it is, before the subset is drawn
+        check_int(train_n, "train_n", 1)  # named as the option it is, before the subset is drawn
         tr = eval_subset(tr, train_n, seed)
     return full, tr, va, name, info
 
@@ -178,7 +172,8 @@ def _run(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | None, res
         "method": rc.method,
         "hyperparameters": rc.to_dict(),
         "augment": trainer.augment,
-        "teacher_sha256": model_sha256(teacher_src) if teacher is not None else None,
+        "teacher_sha256": trainer.identity()["teacher_sha256"],  # the audit's weights_sha256 of the same teacher
+        "teacher_file_sha256": _file_sha256(teacher_src) if teacher is not None else None,
         "teacher": str(teacher_src) if isinstance(teacher_src, (str, Path)) else (None if teacher is None else "in-memory"),
         "data": name,
         "train_samples": len(tr),
@@ -327,7 +322,9 @@ def repair(
             lk.setdefault("input_shape", t.meta.input_shape)
             lk.setdefault("num_classes", t.meta.num_classes)
         s = _load(student, "student", **lk)
-        init = {"from": str(student) if isinstance(student, (str, Path)) else "in-memory", "sha256": model_sha256(student)}
+        init = {"from": str(student) if isinstance(student, (str, Path)) else "in-memory", "sha256": model_sha256(s)}
+        if isinstance(student, (str, Path)):
+            init["file_sha256"] = _file_sha256(student)
         if from_scratch:
             if _unrebuildable(s.meta):
                 raise UsageError(f"--from-scratch needs a student of a named architecture, not {s.meta.arch!r}")

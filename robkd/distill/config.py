@@ -39,6 +39,8 @@ IGA_METHODS = ("kdiga", "kdiga-ardc", "kdiga-arda")
 SCHEDULES = ("multistep", "cosine", "constant")
 AUGMENTS = ("auto", "none", "crop", "crop-flip", "flip")
 SELECTS = ("val-robust", "last")
+#: the IGA conventions (see :mod:`robkd.distill.losses`)
+IGA_FORMS = ("per-sample", "reference")
 
 #: IGA coefficient defaults per form (see :mod:`robkd.distill.losses`).
 IGA_DEFAULT_LAMBDA = {"per-sample": 1.0, "reference": 1000.0}
@@ -135,21 +137,21 @@ class TrainConfig:
         c = dataclasses.replace(self)
         if c.method not in METHODS:
             raise UsageError(f"unknown method {c.method!r}; choose one of {', '.join(METHODS)}")
-        _int(c.epochs, "epochs", 1)
-        _int(c.batch_size, "batch_size", 1)
-        _int(c.steps, "steps", 0)
-        _int(c.replays, "replays", 1)
-        _int(c.val_n, "val_n", 0)
-        _int(c.val_steps, "val_steps", 0)
-        _int(c.checkpoint_every, "checkpoint_every", 0)
-        _int(c.seed, "seed", 0)
+        check_int(c.epochs, "epochs", 1)
+        check_int(c.batch_size, "batch_size", 1)
+        check_int(c.steps, "steps", 0)
+        check_int(c.replays, "replays", 1)
+        check_int(c.val_n, "val_n", 0)
+        check_int(c.val_steps, "val_steps", 0)
+        check_int(c.checkpoint_every, "checkpoint_every", 0)
+        check_int(c.seed, "seed", 0)
         if c.train_n is not None:
-            _int(c.train_n, "train_n", 1)
+            check_int(c.train_n, "train_n", 1)
         for name in ("lr", "momentum", "weight_decay", "lr_gamma", "lambda_ce", "lambda_kl", "beta"):
-            _num(getattr(c, name), name, 0.0)
+            check_number(getattr(c, name), name, 0.0)
         if c.lr <= 0:
             raise UsageError("lr must be > 0")
-        _num(c.alpha, "alpha", 0.0)
+        check_number(c.alpha, "alpha", 0.0)
         if c.alpha > 1:
             raise UsageError(f"alpha must be in [0, 1], got {c.alpha}")
         if c.schedule not in SCHEDULES:
@@ -164,7 +166,6 @@ class TrainConfig:
             raise UsageError(f"val_fraction must be in (0, 1), got {c.val_fraction}")
         if c.select == "val-robust" and (c.val_n == 0 or c.val_steps == 0):
             raise UsageError("--select val-robust needs a validation attack: val_n > 0 and val_steps > 0 (or use --select last)")
-        from robkd.distill.losses import IGA_FORMS
         from robkd.types import Norm
 
         c.norm = Norm.parse(c.norm).value
@@ -172,12 +173,12 @@ class TrainConfig:
             raise UsageError(f"unknown IGA form {c.iga_form!r}; choose one of {', '.join(IGA_FORMS)}")
         if c.lambda_iga is None:
             c.lambda_iga = IGA_DEFAULT_LAMBDA[c.iga_form]
-        _num(c.lambda_iga, "lambda_iga", 0.0)
+        check_number(c.lambda_iga, "lambda_iga", 0.0)
         if c.temperature is None:
             # the ARD paper: 30 on CIFAR-10 (also robkd's default elsewhere), 5 on CIFAR-100
             ard_tau = 5.0 if dataset and str(dataset).lower().replace("-", "").startswith("cifar100") else 30.0
             c.temperature = ard_tau if c.method in ("ard", "fast-ard") else 1.0
-        _num(c.temperature, "temperature", 0.0)
+        check_number(c.temperature, "temperature", 0.0)
         if c.temperature <= 0:
             raise UsageError("temperature must be > 0")
         if c.eps is None:
@@ -185,10 +186,10 @@ class TrainConfig:
             if default_eps is None and needs_eps:
                 raise UsageError(f"no default radius for dataset {dataset!r}: pass --eps")
             c.eps = float(default_eps) if default_eps is not None else 0.0
-        _num(c.eps, "eps", 0.0)
+        check_number(c.eps, "eps", 0.0)
         if c.step_size is None:
             c.step_size = c.eps if c.method == "fast-ard" else c.eps / 4.0
-        _num(c.step_size, "step_size", 0.0)
+        check_number(c.step_size, "step_size", 0.0)
         if c.method in ADVERSARIAL_METHODS and c.method != "fast-ard" and c.steps == 0:
             raise UsageError(f"method {c.method} needs steps >= 1 for its training attack")
         c.device = _device_name(c.device)
@@ -206,11 +207,13 @@ def _device_name(device: Any) -> str:
     return device.strip().lower()
 
 
-def _int(v: Any, name: str, lo: int) -> None:
+def check_int(v: Any, name: str, lo: int) -> None:
+    """A :class:`UsageError` naming ``name`` unless ``v`` is an integer (not a bool) ``>= lo``."""
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
-def _num(v: Any, name: str, lo: float) -> None:
+def check_number(v: Any, name: str, lo: float) -> None:
+    """A :class:`UsageError` naming ``name`` unless ``v`` is a finite number (not a bool) ``>= lo``."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
         raise UsageError(f"{name} must be a finite number >= {lo}, got {v!r}")

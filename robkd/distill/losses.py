@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from robkd.distill.config import IGA_FORMS
 from robkd.errors import UsageError
 
 __all__ = [
-    "IGA_FORMS",
     "cross_entropy",
     "distillation_kl",
     "input_gradient",
@@ -32,8 +32,6 @@ __all__ = [
     "kl_divergence",
     "trades_kl",
 ]
-
-IGA_FORMS = ("per-sample", "reference")
 
 
 def _check_logits(a: torch.Tensor, b: torch.Tensor) -> None:
