@@ -34,6 +34,8 @@ from torch import nn
 
 from robkd.errors import UsageError
 from robkd.types import Norm
+from robkd.utils.modules import ce_input_gradient, eval_mode
+from robkd.utils.validate import check_int
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +77,6 @@ def check_eps(eps: Any) -> float:
     return value
 
 
-def check_int(value: Any, name: str, minimum: int) -> int:
-    """An integer >= ``minimum`` (bools rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def check_inputs(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` float (N, ...) in [0,1], ``y`` integer labels (N,)."""
     if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x) or x.dim() < 2 or x.shape[0] == 0:
@@ -97,46 +92,26 @@ def check_inputs(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return x.detach(), y.detach().long()
 
 
-class eval_mode:
-    """Context manager: put modules in eval mode, restore every submodule's previous mode afterwards
-    (also on error; mixed train/eval models come back exactly as they were)."""
-
-    def __init__(self, *modules: nn.Module) -> None:
-        self.modules = modules
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> None:
-        self.flags = [(sub, sub.training) for m in self.modules for sub in m.modules()]
-        for m in self.modules:
-            m.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for sub, flag in self.flags:
-            sub.training = flag
-
-
-def per_sample_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy ``(B,)`` of ``model(x)`` against ``y``."""
+def _checked_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = model(x)
     if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         raise UsageError(f"model must return logits of shape (B, K), got {tuple(logits.shape)}")
     if int(y.max()) >= logits.shape[1]:
         raise UsageError(f"label {int(y.max())} out of range for a model with {logits.shape[1]} classes")
-    return F.cross_entropy(logits, y, reduction="none")
+    return logits
+
+
+def per_sample_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy ``(B,)`` of ``model(x)`` against ``y``."""
+    return F.cross_entropy(_checked_logits(model, x, y), y, reduction="none")
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample ``CE(f(x), y)`` and its input gradient ``grad_x CE`` (same shape as ``x``).
-
-    The gradient of the *summed* per-sample losses w.r.t. the input only, so each
-    row is that sample's own gradient (no 1/B factor); parameter ``.grad`` is
-    never touched. The caller sets eval mode (BatchNorm then acts per sample).
+    """Per-sample ``CE(f(x), y)`` and its input gradient ``grad_x CE`` (same shape as ``x``), detached
+    (:func:`robkd.utils.modules.ce_input_gradient`). The caller sets eval mode (BatchNorm then acts per sample).
     """
-    xg = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        ce = per_sample_ce(model, xg, y)
-        (g,) = torch.autograd.grad(ce.sum(), xg)
-    return ce.detach(), g.detach()
+    ce, g, _ = ce_input_gradient(lambda z: _checked_logits(model, z, y), x, y)
+    return ce, g
 
 
 class BestTracker:
@@ -182,7 +157,7 @@ class BestTracker:
         return objective
 
 
-def _ascent(
+def ascent(
     tracker: BestTracker,
     x: torch.Tensor,
     *,
@@ -209,7 +184,7 @@ def default_step_size(eps: float, steps: int) -> float:
     return 2.5 * eps / steps if steps > 0 else 0.0
 
 
-def _check_step_size(step_size: Any, eps: float, steps: int) -> float:
+def check_step_size(step_size: Any, eps: float, steps: int) -> float:
     if step_size is None:
         return default_step_size(eps, steps)
     if isinstance(step_size, bool):
@@ -254,7 +229,7 @@ def local_linearity(
     steps = check_int(steps, "steps", 0)
     restarts = check_int(restarts, "restarts", 1)
     batch_size = check_int(batch_size, "batch_size", 1)
-    alpha = _check_step_size(step_size, eps, steps)
+    alpha = check_step_size(step_size, eps, steps)
     x, y = check_inputs(x, y)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     if x.device.type != "cpu":
@@ -275,7 +250,7 @@ def local_linearity(
 
             tracker = BestTracker(objective, xb, norm, eps, torch.zeros_like(ce0))
             for _ in range(restarts):
-                _ascent(tracker, xb, norm=norm, eps=eps, steps=steps, step_size=alpha,
+                ascent(tracker, xb, norm=norm, eps=eps, steps=steps, step_size=alpha,
                         random_start=random_start, generator=gen)
             rejected += tracker.rejected
             out[s : s + xb.shape[0]] = tracker.best

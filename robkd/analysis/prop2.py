@@ -34,19 +34,19 @@ from torch import nn
 from robkd.analysis.llm import (
     ESTIMATE_NOTE,
     BestTracker,
-    _ascent,
-    _check_step_size,
+    ascent,
+    check_step_size,
     check_eps,
     check_inputs,
-    check_int,
     check_model,
-    eval_mode,
     input_gradient,
     local_linearity,
     per_sample_ce,
     summarize,
 )
 from robkd.errors import UsageError
+from robkd.utils.modules import eval_mode
+from robkd.utils.validate import check_int
 from robkd.types import Norm
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def measure_lhs(
     ``CE_t - CE_s`` from ``x`` (both signs), then ``restarts`` ascents on the
     absolute difference from uniform random starts. Every iterate is a candidate.
     """
-    alpha = _check_step_size(step_size, eps, steps)
+    alpha = check_step_size(step_size, eps, steps)
     gen = generator or torch.Generator().manual_seed(0)
     out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for s in range(0, x.shape[0], batch_size):
@@ -221,7 +221,7 @@ def measure_lhs(
         runs: list[tuple[float, "str | None"]] = [(1.0, None), (-1.0, None)] + [(0.0, "uniform")] * restarts
         for sgn, start in runs:
             sign_holder["sign"] = sgn
-            _ascent(tracker, xb, norm=norm, eps=eps, steps=steps, step_size=alpha,
+            ascent(tracker, xb, norm=norm, eps=eps, steps=steps, step_size=alpha,
                     random_start=start, generator=gen)
         out[s : s + xb.shape[0]] = tracker.best
     return out
@@ -267,7 +267,7 @@ def prop2_terms(
     batch_size = check_int(batch_size, "batch_size", 1)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol >= 0):
         raise UsageError(f"tol must be a number >= 0, got {tol!r}")
-    _check_step_size(step_size, eps, steps)
+    check_step_size(step_size, eps, steps)
     x, y = check_inputs(x, y)
     n = x.shape[0]
     llm_s_t = _check_llm_override(llm_s, n, x, "llm_s")

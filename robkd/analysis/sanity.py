@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from robkd.attacks.base import attack_mode, check_inputs, model_device
+from robkd.attacks.base import attack_mode, check_inputs
+from robkd.utils.modules import model_device
 from robkd.errors import UsageError
 from robkd.types import Norm, format_radius
 from robkd.utils.logits import correct

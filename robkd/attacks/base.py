@@ -9,19 +9,20 @@ batching. A concrete attack only implements :meth:`Attack._perturb` (one batch).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 from robkd.attacks._geometry import lp_norm
 from robkd.attacks.noise import SampleNoise
-from robkd.utils.logits import NON_FINITE, predict
 from robkd.errors import UsageError
 from robkd.types import Norm
+from robkd.utils.logits import NON_FINITE, predict
+from robkd.utils.modules import eval_mode, input_gradient, model_device
+from robkd.utils.validate import check_int
 
 logger = logging.getLogger("robkd.attacks")
 
@@ -37,8 +38,7 @@ class AttackOutput:
     success: torch.Tensor
 
 
-@contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[None]:
+def attack_mode(model: nn.Module) -> eval_mode:
     """Eval mode and frozen parameters for the duration of an attack; the exact previous state is restored.
 
     Every module's ``training`` flag and every parameter's ``requires_grad`` are
@@ -46,27 +46,7 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
     Freezing parameters guarantees that no parameter gradient is computed, even by
     third-party attacks that call ``backward()``.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    params = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
-        for p, req in params:
-            p.requires_grad_(req)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU when it has none)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+    return eval_mode(model, freeze=True)
 
 
 def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:
@@ -246,10 +226,10 @@ def is_success(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | Non
     return hit | (pred == NON_FINITE)
 
 
-def input_gradient(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``d loss.sum() / d x`` via ``torch.autograd.grad`` (input only); NaN/inf mapped to 0."""
-    (g,) = torch.autograd.grad(loss.sum(), x)
-    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+def attack_gradient(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The input gradient an attack steps along (:func:`robkd.utils.modules.input_gradient`), NaN/inf mapped
+    to 0 so that one bad sample cannot poison the step of the others."""
+    return torch.nan_to_num(input_gradient(loss, x), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def verify_adversarial(
@@ -322,10 +302,10 @@ def loss_gradient(
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x_adv)
-        grad = input_gradient(attack_loss(logits, y, target), x_adv)
+        grad = attack_gradient(attack_loss(logits, y, target), x_adv)
         for _ in range(eot_iter - 1):
             logits = model(x_adv)
-            grad = grad + input_gradient(attack_loss(logits, y, target), x_adv)
+            grad = grad + attack_gradient(attack_loss(logits, y, target), x_adv)
     return grad / eot_iter, logits.detach()
 
 
@@ -379,9 +359,3 @@ def iterate_with_early_exit(
         if step < steps:
             x_adv, state = step_fn(x_adv, grad, x0, eps_t, state)
 
-
-def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    """Validate an integer option (steps, restarts, eot_iter...)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from robkd.attacks._geometry import per_sample, project
-from robkd.attacks.base import Attack, AttackOutput, check_positive_int, is_success
+from robkd.attacks.base import Attack, AttackOutput, is_success
 from robkd.errors import UsageError
 from robkd.types import Norm
 from robkd.utils.logits import predict
+from robkd.utils.validate import check_int
 
 
 class DeepFool(Attack):
@@ -39,8 +40,8 @@ class DeepFool(Attack):
         batch_size: int = 256,
     ) -> None:
         super().__init__(norm, eps, seed=seed, batch_size=batch_size)
-        self.steps = check_positive_int(steps, "steps")
-        self.candidates = check_positive_int(candidates, "candidates", minimum=2)
+        self.steps = check_int(steps, "steps", 1)
+        self.candidates = check_int(candidates, "candidates", 2)
         self.overshoot = float(overshoot)
         if not self.overshoot >= 0:
             raise UsageError(f"overshoot must be >= 0, got {overshoot!r}")

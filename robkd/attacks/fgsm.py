@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from robkd.attacks._geometry import ascent_direction, per_sample, project
-from robkd.attacks.base import Attack, AttackOutput, check_positive_int, is_success, loss_gradient
+from robkd.attacks.base import Attack, AttackOutput, is_success, loss_gradient
 from robkd.types import Norm
+from robkd.utils.validate import check_int
 
 
 class FGSM(Attack):
@@ -21,7 +22,7 @@ class FGSM(Attack):
 
     def __init__(self, norm: "Norm | str", eps: float, *, eot_iter: int = 1, seed: int = 0, batch_size: int = 256) -> None:
         super().__init__(norm, eps, seed=seed, batch_size=batch_size)
-        self.eot_iter = check_positive_int(eot_iter, "eot_iter")
+        self.eot_iter = check_int(eot_iter, "eot_iter", 1)
         self.cost = float(self.eot_iter)
 
     def _perturb(self, model, x, y, target, generator) -> AttackOutput:

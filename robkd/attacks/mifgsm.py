@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from robkd.attacks._geometry import ascent_direction, per_sample, project
-from robkd.attacks.base import Attack, AttackOutput, check_positive_int, iterate_with_early_exit
+from robkd.attacks.base import Attack, AttackOutput, iterate_with_early_exit
 from robkd.errors import UsageError
 from robkd.types import Norm
+from robkd.utils.validate import check_int
 
 
 class MIFGSM(Attack):
@@ -35,8 +36,8 @@ class MIFGSM(Attack):
         batch_size: int = 256,
     ) -> None:
         super().__init__(norm, eps, seed=seed, batch_size=batch_size)
-        self.steps = check_positive_int(steps, "steps")
-        self.eot_iter = check_positive_int(eot_iter, "eot_iter")
+        self.steps = check_int(steps, "steps", 1)
+        self.eot_iter = check_int(eot_iter, "eot_iter", 1)
         self.decay = float(decay)
         if not self.decay >= 0:
             raise UsageError(f"decay must be >= 0, got {decay!r}")

@@ -12,10 +12,11 @@ from typing import Callable
 import torch
 
 from robkd.attacks._geometry import ascent_direction, per_sample, project, random_start_point
-from robkd.attacks.base import Attack, AttackOutput, check_positive_int, iterate_with_early_exit
+from robkd.attacks.base import Attack, AttackOutput, iterate_with_early_exit
 from robkd.attacks.noise import SampleNoise
 from robkd.errors import UsageError
 from robkd.types import Norm
+from robkd.utils.validate import check_int
 
 
 def _check_steps(steps: object) -> int:
@@ -141,9 +142,9 @@ class PGD(Attack):
         batch_size: int = 256,
     ) -> None:
         super().__init__(norm, eps, seed=seed, batch_size=batch_size)
-        self.steps = check_positive_int(steps, "steps")
-        self.restarts = check_positive_int(restarts, "restarts")
-        self.eot_iter = check_positive_int(eot_iter, "eot_iter")
+        self.steps = check_int(steps, "steps", 1)
+        self.restarts = check_int(restarts, "restarts", 1)
+        self.eot_iter = check_int(eot_iter, "eot_iter", 1)
         self._step_size = None if step_size is None else float(step_size)
         if self._step_size is not None and not self._step_size >= 0:
             raise UsageError(f"step_size must be >= 0, got {step_size!r}")

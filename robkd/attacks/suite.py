@@ -37,7 +37,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from robkd.attacks.base import Attack, attack_mode, check_inputs, check_sample_ids, model_device, verify_adversarial
+from robkd.attacks.base import Attack, attack_mode, check_inputs, check_sample_ids, verify_adversarial
+from robkd.utils.modules import model_device
 from robkd.attacks.registry import make_attack
 from robkd.utils.logits import correct
 from robkd.errors import UsageError

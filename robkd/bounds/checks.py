@@ -8,8 +8,8 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from robkd.analysis.llm import eval_mode
 from robkd.errors import UsageError
+from robkd.utils.modules import eval_mode
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 

@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from robkd.analysis.llm import eval_mode
 from robkd.errors import UsageError
 from robkd.utils.logits import NON_FINITE, predict
+from robkd.utils.modules import eval_mode
+from robkd.utils.stats import clopper_pearson_lower
+from robkd.utils.validate import check_int
 
 __all__ = [
     "SmoothingResult",
@@ -36,21 +38,6 @@ __all__ = [
     "clopper_pearson_lower",
     "predict_smoothing",
 ]
-
-
-def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
-    """One-sided ``(1 - alpha)`` Clopper-Pearson lower confidence bound on a binomial proportion.
-
-    ``Beta(alpha; k, n - k + 1)`` quantile, 0 when ``k = 0``. Equals the lower end of the
-    exact two-sided interval at confidence ``1 - 2 alpha``.
-    """
-    from scipy.stats import beta
-
-    if n <= 0 or k < 0 or k > n:
-        raise UsageError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
-    if k == 0:
-        return 0.0
-    return float(beta.ppf(alpha, k, n - k + 1))
 
 
 @dataclasses.dataclass
@@ -130,18 +117,12 @@ class SmoothingResult:
         return out
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def _check_common(sigma: Any, alpha: Any, batch_size: Any) -> tuple[float, float, int]:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
         raise UsageError(f"sigma must be a finite number > 0, got {sigma!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha < 1.0):
         raise UsageError(f"alpha must be in (0, 1), got {alpha!r}")
-    return float(sigma), float(alpha), _check_positive_int(batch_size, "batch_size")
+    return float(sigma), float(alpha), check_int(batch_size, "batch_size", 1)
 
 
 def _check_x(x: Any) -> torch.Tensor:
@@ -207,8 +188,8 @@ def certify_smoothing(
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sigma, alpha, batch_size = _check_common(sigma, alpha, batch_size)
-    n0 = _check_positive_int(n0, "n0")
-    n = _check_positive_int(n, "n")  # n0 and n are independent (Cohen et al.'s CERTIFY): n0 > n is fine
+    n0 = check_int(n0, "n0", 1)
+    n = check_int(n, "n", 1)  # n0 and n are independent (Cohen et al.'s CERTIFY): n0 > n is fine
     x = _check_x(x)
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise UsageError(f"y must be a 1-D label tensor of length {x.shape[0]}")
@@ -263,7 +244,7 @@ def predict_smoothing(
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sigma, alpha, batch_size = _check_common(sigma, alpha, batch_size)
-    n = _check_positive_int(n, "n")
+    n = check_int(n, "n", 1)
     x = _check_x(x)
     from scipy.stats import binomtest
 

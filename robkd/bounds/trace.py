@@ -18,9 +18,9 @@ import torch.fx
 from torch import nn
 import torch.nn.functional as F
 
-from robkd.attacks.base import model_device
 from robkd.bounds import ops
 from robkd.errors import UnsupportedModelError, UsageError
+from robkd.utils.modules import model_device
 
 SUPPORTED_TEXT = (
     "Linear, Conv2d, ReLU (module, F.relu, torch.relu, .relu()), BatchNorm (eval), Flatten/view/reshape, "

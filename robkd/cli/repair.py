@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     if args.student is None and args.from_scratch:
         raise UsageError("--from-scratch re-initialises STUDENT: give STUDENT, or use --student-arch alone")
     load_kw = {"arch": args.student_arch, "allow_pickle": args.allow_pickle} if args.student else {}
-    audit_kw: dict = {"n": args.audit_n, "attacks": [a.strip() for a in args.audit_attacks.split(",") if a.strip()],
+    from robkd.utils.validate import split_list
+
+    audit_kw: dict = {"n": args.audit_n, "attacks": split_list(args.audit_attacks, "--audit-attacks", allow_empty=True),
                       "seed": args.seed, "device": args.device}  # the audits run on the training device
     if args.audit_eps:
         audit_kw["eps"] = args.audit_eps

@@ -30,8 +30,9 @@ def parse_formats(text: str) -> tuple[str, ...]:
     """``'md,html'`` -> ('md', 'html'); raises UsageError on an unknown or empty format list."""
     from robkd.errors import UsageError
     from robkd.report import FORMATS
+    from robkd.utils.validate import split_list
 
-    fmts = [f.strip().lower() for f in str(text).split(",") if f.strip()]
+    fmts = [f.lower() for f in split_list(str(text), "--format", allow_empty=True)]
     if not fmts:
         raise UsageError("empty --format: use md, html or md,html")
     bad = [f for f in fmts if f not in FORMATS]

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from robkd.distill.checks import nonfinite_tensors
-from robkd.distill.config import STUDENT_METHODS, TrainConfig, check_int
+from robkd.distill.config import STUDENT_METHODS, TrainConfig
+from robkd.utils.validate import check_int
 from robkd.distill.device import resolve_device
 from robkd.distill.state import TrainLog
 from robkd.distill.trainer import Trainer

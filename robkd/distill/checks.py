@@ -68,20 +68,16 @@ def probe_outputs(model: torch.nn.Module, x: torch.Tensor, role: str) -> torch.T
 
     A model that raises or returns anything else is a one-line :class:`ModelRuntimeError`.
     """
-    from robkd.attacks.base import model_device
+    from robkd.utils.modules import eval_mode, model_device
 
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(x.to(model_device(model)))
     except RobkdError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model failed: one line, exit 2
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ModelRuntimeError(f"the {role} failed on a batch of {len(x)} training images ({type(exc).__name__}: {first})") from exc
-    finally:
-        model.train(was)
     if not isinstance(out, torch.Tensor):
         raise ModelRuntimeError(f"the {role} returned {type(out).__name__}, not a tensor of logits")
     if out.dim() != 2 or out.shape[0] != x.shape[0] or out.shape[1] < 1:

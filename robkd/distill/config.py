@@ -30,6 +30,7 @@ import math
 from typing import Any, Mapping
 
 from robkd.errors import UsageError
+from robkd.utils.validate import check_int, check_number
 
 TEACHER_METHODS = ("st", "at", "trades")
 STUDENT_METHODS = ("kd", "ard", "fast-ard", "kdiga", "kdiga-ardc", "kdiga-arda")
@@ -205,15 +206,3 @@ def _device_name(device: Any) -> str:
     if not isinstance(device, str) or not device.strip():
         raise UsageError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
     return device.strip().lower()
-
-
-def check_int(v: Any, name: str, lo: int) -> None:
-    """A :class:`UsageError` naming ``name`` unless ``v`` is an integer (not a bool) ``>= lo``."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
-
-
-def check_number(v: Any, name: str, lo: float) -> None:
-    """A :class:`UsageError` naming ``name`` unless ``v`` is a finite number (not a bool) ``>= lo``."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
-        raise UsageError(f"{name} must be a finite number >= {lo}, got {v!r}")

@@ -6,6 +6,7 @@ import torch
 
 from robkd.data.core import ImageData
 from robkd.utils.logits import correct
+from robkd.utils.modules import eval_mode, model_device
 
 
 def evaluate_robust(model: torch.nn.Module, data: ImageData, *, norm: str, eps: float, steps: int, step_size: float,
@@ -15,15 +16,12 @@ def evaluate_robust(model: torch.nn.Module, data: ImageData, *, norm: str, eps: 
     Runs on the model's device; the attack's random starts are drawn on the CPU. An output row with
     NaN/inf is never counted correct (:func:`robkd.utils.logits.correct`).
     """
-    from robkd.attacks.base import model_device
     from robkd.attacks.pgd import projected_gradient_ascent
 
-    was = model.training
-    model.eval()
     dev = model_device(model)
     gen = torch.Generator().manual_seed(int(seed))
     clean = robust = 0
-    try:
+    with eval_mode(model):
         for x, y in data.batches(batch_size):
             x, y = x.to(dev), y.to(dev)
             with torch.no_grad():
@@ -37,7 +35,5 @@ def evaluate_robust(model: torch.nn.Module, data: ImageData, *, norm: str, eps: 
                 with torch.no_grad():
                     ok = ok & correct(model(x_adv), y)
             robust += int(ok.sum())
-    finally:
-        model.train(was)
     n = max(1, len(data))
     return clean / n, robust / n

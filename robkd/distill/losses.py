@@ -106,13 +106,9 @@ def input_gradient(
     ``create_graph=True`` keeps the graph for double backpropagation (the
     student side of IGA); otherwise the gradient is detached.
     """
-    x_req = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(x_req)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        (g,) = torch.autograd.grad(loss, x_req, create_graph=create_graph)
-    if not create_graph:
-        g, logits = g.detach(), logits.detach()
+    from robkd.utils.modules import ce_input_gradient
+
+    _, g, logits = ce_input_gradient(model, x, y, create_graph=create_graph)
     return g, logits
 
 

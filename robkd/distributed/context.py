@@ -82,27 +82,27 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"{name}={raw!r} is not an integer") from exc
 
 
-def _resolve_device(device: "str | torch.device | None", local_rank: int, world: int) -> torch.device:
-    """The rank's device: ``cuda`` (or any ``cuda:N`` under torchrun) maps to ``cuda:LOCAL_RANK``."""
-    if device is None:
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
-        if world > 1:
-            if dev.index is not None and dev.index != local_rank:
-                log.info("rank with LOCAL_RANK=%d uses cuda:%d (not %s): one GPU per process", local_rank, local_rank, dev)
-            if local_rank >= torch.cuda.device_count():
-                raise UsageError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible: "
-                                 "use --nproc-per-node <= the number of GPUs")
-            return torch.device("cuda", local_rank)
-    elif dev.type == "mps" and world > 1:
+def rank_device(device: "str | torch.device | None", local_rank: int = 0, world: int = 1) -> torch.device:
+    """The device of a rank (:func:`robkd.utils.device.parse_device`); under torchrun (``world`` > 1) ``cuda``
+    or any ``cuda:N`` becomes ``cuda:LOCAL_RANK`` (one GPU per process), and mps is refused."""
+    from robkd.utils.device import parse_device
+
+    dev = parse_device(device)
+    if world > 1 and dev.type == "cuda":
+        if dev.index is not None and dev.index != local_rank:
+            log.info("rank with LOCAL_RANK=%d uses cuda:%d (not %s): one GPU per process", local_rank, local_rank, dev)
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible: "
+                             "use --nproc-per-node <= the number of GPUs")
+        return torch.device("cuda", local_rank)
+    if world > 1 and dev.type == "mps":
         raise UsageError("multi-process runs support cpu (gloo) and cuda (nccl), not mps")
     return dev
+
+
+def env_local_rank() -> int:
+    """``LOCAL_RANK`` from the environment (0 when unset)."""
+    return _env_int("LOCAL_RANK", 0)
 
 
 def init_from_env(device: "str | torch.device | None" = None, *, backend: str | None = None,
@@ -118,13 +118,13 @@ def init_from_env(device: "str | torch.device | None" = None, *, backend: str | 
 
     world = env_world_size()
     if world == 1:
-        ctx = DistContext(device=_resolve_device(device, 0, 1))
+        ctx = DistContext(device=rank_device(device, 0, 1))
         return ctx
     rank = _env_int("RANK", -1)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    local_rank = env_local_rank()
     if not 0 <= rank < world:
         raise UsageError(f"RANK={os.environ.get('RANK')!r} is not in [0, {world}): start multi-process runs with torchrun")
-    dev = _resolve_device(device, local_rank, world)
+    dev = rank_device(device, local_rank, world)
     be = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if be not in ("gloo", "nccl"):
         raise UsageError(f"unknown backend {be!r}: use gloo (CPU) or nccl (CUDA)")

@@ -16,6 +16,7 @@ from robkd.models.messages import first_line
 from robkd.models.metadata import apply_overrides, data_hints
 from robkd.models.wrapper import RobustModel
 from robkd.types import ModelMeta
+from robkd.utils.modules import model_device
 
 
 def load_model(
@@ -77,7 +78,7 @@ def infer_num_classes(model: nn.Module, input_shape: Sequence[int]) -> int:
     model returns floating-point ``(2, classes)`` logits."""
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape, device=_first_device(model)))
+            out = model(torch.zeros(2, *input_shape, device=model_device(model)))
     except Exception as exc:  # user models fail in many ways
         raise ModelLoadError(f"model does not accept inputs of shape {list(input_shape)}: {first_line(exc)}") from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
@@ -111,10 +112,3 @@ def _check_outputs(model: RobustModel) -> None:
     elif meta.num_classes != k:
         raise ModelLoadError(f"model metadata says {meta.num_classes} classes but the model outputs {k} logits "
                              f"for inputs of shape {list(meta.input_shape)}")
-
-
-def _first_device(model: nn.Module) -> torch.device:
-    """Device of the first parameter or buffer (CPU when there are none)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")

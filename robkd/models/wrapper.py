@@ -69,11 +69,9 @@ class RobustModel(nn.Module):
     @property
     def device(self) -> torch.device:
         """Device of the first parameter or buffer (CPU when there are none)."""
-        for t in self.parameters():
-            return t.device
-        for t in self.buffers():
-            return t.device
-        return torch.device("cpu")
+        from robkd.utils.modules import model_device
+
+        return model_device(self)
 
 
 def as_robust_model(model: nn.Module, meta: ModelMeta | None = None) -> RobustModel:
