@@ -331,3 +331,26 @@ def test_log_values_are_finite_or_null():
     rec = {"epoch": 1, "loss": float("nan"), "val": [1.0, float("inf")], "nested": {"x": float("-inf")}, "s": "nan"}
     assert finite_or_none(rec) == {"epoch": 1, "loss": None, "val": [1.0, None], "nested": {"x": None}, "s": "nan"}
     json.dumps(finite_or_none(rec), allow_nan=False)
+
+
+def test_a_second_training_run_on_one_out_is_refused(tmp_path, capsys):
+    """Another process holds the checkpoint's lock: a second `robkd train --out` to it is refused at once and
+    writes nothing; once the holder is gone (kill -9 semantics) the same command trains and saves."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "model.safetensors"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom robkd.utils.outdir import OutDirLock\n"
+         "with OutDirLock(sys.argv[1], lock_name='.model.safetensors.lock'):\n    print('held', flush=True)\n"
+         "    time.sleep(120)\n", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = expect_failure(_train(out), capsys, watch=[tmp_path], contains="another robkd run")
+        assert f"pid {holder.pid}" in res.err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_cli(_train(out), capsys).code == 0 and out.is_file()
+    assert not (tmp_path / ".model.safetensors.lock").exists()

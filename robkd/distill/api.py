@@ -154,13 +154,32 @@ def _trainer(student, teacher, *, cfg: TrainConfig, tr, va, name, info, state_pa
 
 def _run(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | None, resume, max_steps,
          extra_prov: Mapping[str, Any]) -> TrainResult:
+    """Train (holding the lock of ``out_p``), then save the model with its provenance."""
+    from robkd.distributed import current
+
+    import contextlib
+
+    from robkd.utils.outdir import OutDirLock
+
+    student, teacher = trainer.student, trainer.teacher
+    lock: Any = contextlib.nullcontext()
+    if out_p is not None and current().is_main:
+        # a second training run writing the same checkpoint (and its state file) is refused
+        lock = OutDirLock(out_p.parent, what="--out", lock_name=f".{out_p.name}.lock")
+    with lock:
+        if out_p is not None and current().is_main:
+            remove_stale_temps(out_p)  # left by a kill during an earlier save of this checkpoint
+        return _fit_and_save(trainer, teacher_src, tr=tr, va=va, name=name, out_p=out_p, resume=resume,
+                             max_steps=max_steps, extra_prov=extra_prov)
+
+
+def _fit_and_save(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | None, resume, max_steps,
+                  extra_prov: Mapping[str, Any]) -> TrainResult:
     from robkd import __version__
     from robkd.distributed import barrier, current
     from robkd.models import save_model
 
     student, teacher = trainer.student, trainer.teacher
-    if out_p is not None and current().is_main:
-        remove_stale_temps(out_p)  # left by a kill during an earlier save of this checkpoint
     tlog = trainer.fit(resume=resume, max_steps=max_steps)
     if not tlog.finished:
         return TrainResult(student, tlog, None)

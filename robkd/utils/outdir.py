@@ -50,9 +50,10 @@ _held_guard = threading.Lock()
 class OutDirLock:
     """Context manager: exclusive advisory lock on an output directory (created if missing)."""
 
-    def __init__(self, out_dir: str | os.PathLike[str], *, what: str = "--out") -> None:
+    def __init__(self, out_dir: str | os.PathLike[str], *, what: str = "--out", lock_name: str = LOCK_FILE) -> None:
         self.dir = Path(out_dir)
         self.what = what
+        self.lock_name = lock_name  # one lock per output file in a shared folder: ".NAME.lock"
         self._key = ""
 
     def __enter__(self) -> "OutDirLock":
@@ -61,12 +62,12 @@ class OutDirLock:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create {self.what} {shown(self.dir)}: {exc.strerror or exc}") from exc
-        self._key = os.path.realpath(self.dir)
+        self._key = os.path.join(os.path.realpath(self.dir), self.lock_name)
         with _held_guard:
             if self._key in _held:
                 _held[self._key][1] += 1
                 return self
-            fh = self._acquire(Path(self._key) / LOCK_FILE)
+            fh = self._acquire(Path(self._key))
             fh.seek(0)
             fh.truncate()
             fh.write(str(os.getpid()))
@@ -114,7 +115,7 @@ class OutDirLock:
             del _held[self._key]
             fh = entry[0]
             try:
-                os.unlink(Path(self._key) / LOCK_FILE)  # a peer that opened it before checks the inode after locking
+                os.unlink(self._key)  # a peer that opened it before checks the inode after locking
             except OSError:
                 pass
             fh.close()
