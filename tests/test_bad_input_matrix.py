@@ -292,12 +292,12 @@ def test_a_second_writer_to_one_out_is_refused(pair, tmp_path, capsys):
 
 def test_internal_errors_exit_4_with_one_line(pair, tmp_path, capsys, monkeypatch):
     """A bug inside robkd (here: an injected one) is exit 4, never 1, and one line naming --debug."""
-    import robkd.auditing.core as core
+    import robkd.auditing.aggregate as aggregate
 
     def bug(*a, **k):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(core, "_transfer", bug)
+    monkeypatch.setattr(aggregate, "transfer", bug)
     res = expect_failure(["audit", *pair, *COMMON, "--out", str(tmp_path / "out")], capsys, code=4,
                          contains=["internal error", "--debug"])
     assert "KeyError" in res.err

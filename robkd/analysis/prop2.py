@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Prop2Result", "prop2_terms", "dual_norm"]
 
-_TENSOR_FIELDS = (
+TENSOR_FIELDS = (
     "llm_s",
     "llm_t",
     "ce_s",
@@ -136,7 +136,7 @@ class Prop2Result:
             "n": len(self),
             "llm_estimate": "lower",
         }
-        for name in _TENSOR_FIELDS:
+        for name in TENSOR_FIELDS:
             if name == "violated":
                 continue
             s = summarize(getattr(self, name))
@@ -150,7 +150,7 @@ class Prop2Result:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: settings, summary, and per-sample lists of every term."""
         per_sample: dict[str, list[Any]] = {}
-        for name in _TENSOR_FIELDS:
+        for name in TENSOR_FIELDS:
             t = getattr(self, name).detach().cpu()
             per_sample[name] = [bool(v) for v in t.tolist()] if name == "violated" else [float(v) for v in t.tolist()]
         return {

@@ -1,6 +1,12 @@
 """The audit: a teacher/student pair under an attack suite over radii, with confidence
 intervals, transfer figures, optional certification and Proposition-2 terms, and gates.
 
+Modules: ``api`` (:func:`audit`, :func:`run_audit`), ``config`` (:class:`AuditConfig`), ``plan`` (the
+immutable plan: models, data, radii, gates, checked before any output), ``stages`` (clean predictions,
+attacks, certification, Proposition 2, sanity checks), ``aggregate`` (the results records), ``store``
+(the output directory and resume state), ``result`` (:class:`AuditResult`), ``gates`` (the gate
+language) and ``judging`` (judging gates), ``stats`` (intervals), ``render`` (terminal tables).
+
 Public names are imported lazily (``robkd.auditing.config`` and ``.gates`` need no torch).
 """
 
@@ -10,15 +16,14 @@ import importlib
 from typing import Any
 
 _API = {
-    "audit": "robkd.auditing.core",
-    "run_audit": "robkd.auditing.core",
-    "weights_sha256": "robkd.auditing.core",
+    "audit": "robkd.auditing.api",
+    "run_audit": "robkd.auditing.api",
     "AuditConfig": "robkd.auditing.config",
     "read_spec": "robkd.auditing.config",
     "AuditResult": "robkd.auditing.result",
     "SCHEMA_VERSION": "robkd.auditing.result",
     "parse_gate": "robkd.auditing.gates",
-    "judge": "robkd.auditing.gates",
+    "judge": "robkd.auditing.judging",
     "GateResult": "robkd.auditing.gates",
     "clopper_pearson": "robkd.auditing.stats",
     "Proportion": "robkd.auditing.stats",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from robkd.errors import UsageError
+from robkd.utils.validate import check_int, check_text, parse_floats, parse_shape, split_list
 
 CERTIFY_METHODS = ("ibp", "crown", "alpha-crown")
 
@@ -77,16 +78,16 @@ class AuditConfig:
         """Normalise and check every field in place (raises :class:`UsageError`); returns self."""
         from robkd.types import Norm, parse_eps_list
 
-        self.data = _text(self.data, "data")
-        self.split = _text(self.split, "split")
+        self.data = check_text(self.data, "data")
+        self.split = check_text(self.split, "split")
         if self.split not in ("train", "test", "val"):
             raise UsageError(f"unknown split {self.split!r}: use train or test")
-        self.n = _int(self.n, "n", minimum=1)
-        self.seed = _int(self.seed, "seed", minimum=0)
-        self.batch_size = _int(self.batch_size, "batch_size", minimum=1)
-        self.llm_steps = _int(self.llm_steps, "llm_steps", minimum=1)
-        self.llm_restarts = _int(self.llm_restarts, "llm_restarts", minimum=1)
-        self.sanity_n = _int(self.sanity_n, "sanity_n", minimum=0)
+        self.n = check_int(self.n, "n", 1, parse_text=True)
+        self.seed = check_int(self.seed, "seed", 0, parse_text=True)
+        self.batch_size = check_int(self.batch_size, "batch_size", 1, parse_text=True)
+        self.llm_steps = check_int(self.llm_steps, "llm_steps", 1, parse_text=True)
+        self.llm_restarts = check_int(self.llm_restarts, "llm_restarts", 1, parse_text=True)
+        self.sanity_n = check_int(self.sanity_n, "sanity_n", 0, parse_text=True)
         if self.eps is not None:
             if isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool):
                 self.eps = [self.eps]
@@ -101,12 +102,12 @@ class AuditConfig:
                              "[0,1] pixel space (e.g. 8/255, not 8)")
         if self.eps is None and self.norm != Norm.LINF.value:
             raise UsageError(f"--norm {self.norm} needs radii: give them with --eps (the datasets' usual radii are Linf radii)")
-        self.attacks = [a.lower() for a in _str_list(self.attacks, "attacks")]  # attack names are case-insensitive
+        self.attacks = [a.lower() for a in split_list(self.attacks, "attacks")]  # attack names are case-insensitive
         if not self.attacks:
             raise UsageError("no attacks given (e.g. --attacks pgd-20,autoattack)")
         if len(set(self.attacks)) != len(self.attacks):
             raise UsageError(f"attack listed twice in {self.attacks}")
-        self.gates = _str_list(self.gates, "gates", split_commas=False)
+        self.gates = split_list(self.gates, "gates", split_commas=False)
         if self.gate_on not in ("lower", "point"):
             raise UsageError(f"unknown gate_on {self.gate_on!r}: use 'lower' (confidence bounds, default) or 'point'")
         if self.certify is not None:
@@ -121,21 +122,18 @@ class AuditConfig:
         for name in ("mean", "std"):
             val = getattr(self, name)
             if val is not None:
-                setattr(self, name, _floats(val, name))
+                setattr(self, name, parse_floats(val, f"{name} (--{name})"))
         if self.input_shape is not None:
-            vals = _floats(self.input_shape, "input_shape")
-            if len(vals) != 3 or any(v <= 0 or v != int(v) for v in vals):
-                raise UsageError(f"input_shape must be three positive integers C,H,W, got {self.input_shape!r}")
-            self.input_shape = [int(v) for v in vals]
+            self.input_shape = list(parse_shape(self.input_shape))
         if self.num_classes is not None:
-            self.num_classes = _int(self.num_classes, "num_classes", minimum=1)
+            self.num_classes = check_int(self.num_classes, "num_classes", 1, parse_text=True)
         if self.img_size is not None:
-            self.img_size = _int(self.img_size, "img_size", minimum=1)
-        self.device = _text(self.device, "device")
+            self.img_size = check_int(self.img_size, "img_size", 1, parse_text=True)
+        self.device = check_text(self.device, "device")
         for name in ("teacher", "student", "data_dir", "out", "arch", "teacher_arch", "student_arch"):
             val = getattr(self, name)
             if val is not None:
-                setattr(self, name, _text(val, name))
+                setattr(self, name, check_text(val, name))
         return self
 
     def model_kwargs(self, role: str, path: str | Path | None = None) -> dict[str, Any]:
@@ -153,7 +151,7 @@ class AuditConfig:
             allow_pickle=self.allow_pickle,
         )
         if path is not None:
-            from robkd.models.io import checkpoint_meta
+            from robkd.models.formats.checkpoint import checkpoint_meta
 
             own = checkpoint_meta(path)
             for name in ("mean", "std", "num_classes", "input_shape"):
@@ -190,55 +188,4 @@ def _normalise_keys(values: Mapping[str, Any], where: str) -> dict[str, Any]:
         out[k] = val
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
-    return out
-
-
-def _text(v: Any, name: str) -> str:
-    if isinstance(v, Path):
-        v = str(v)
-    if not isinstance(v, str) or not v.strip():
-        raise UsageError(f"{name} must be a non-empty string, got {v!r}")
-    return v.strip()
-
-
-def _int(v: Any, name: str, *, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            v = int(v)
-        else:
-            raise UsageError(f"{name} must be an integer, got {v!r}")
-    if v < minimum:
-        raise UsageError(f"{name} must be >= {minimum}, got {v}")
-    return int(v)
-
-
-def _str_list(v: Any, name: str, *, split_commas: bool = True) -> list[str]:
-    if isinstance(v, str):
-        items = [p.strip() for p in v.split(",")] if split_commas else [v.strip()]
-    elif isinstance(v, (list, tuple)):
-        items = []
-        for item in v:
-            if not isinstance(item, str):
-                raise UsageError(f"{name} must be a list of strings, got {item!r}")
-            items += [p.strip() for p in item.split(",")] if split_commas else [item.strip()]
-    else:
-        raise UsageError(f"{name} must be a string or a list of strings, got {v!r}")
-    if any(not i for i in items):
-        raise UsageError(f"empty entry in {name}: {v!r}")
-    return items
-
-
-def _floats(v: Any, name: str) -> list[float]:
-    if isinstance(v, str):
-        parts = [p for p in v.replace("x", ",").split(",") if p.strip()]
-    elif isinstance(v, (list, tuple)):
-        parts = list(v)
-    else:
-        parts = [v]
-    try:
-        out = [float(p) for p in parts if not isinstance(p, bool)]
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad {name} {v!r}: expected numbers") from exc
-    if len(out) != len(parts) or not out or any(not math.isfinite(x) for x in out):
-        raise UsageError(f"bad {name} {v!r}: expected finite numbers")
     return out

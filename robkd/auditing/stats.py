@@ -5,33 +5,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from robkd.errors import UsageError
+from robkd.utils.stats import clopper_pearson as _clopper_pearson
 
 #: Confidence level used throughout the audit (95%).
 CONFIDENCE = 0.95
 
 
 def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Exact two-sided Clopper-Pearson interval for ``k`` successes out of ``n`` trials.
-
-    ``lower = Beta.ppf(a/2; k, n-k+1)`` (0 when ``k == 0``) and
-    ``upper = Beta.ppf(1-a/2; k+1, n-k)`` (1 when ``k == n``), with ``a = 1 - confidence``.
-    """
-    from scipy.stats import beta
-
-    if isinstance(k, bool) or isinstance(n, bool):
-        raise UsageError("k and n must be integers")
-    k, n = int(k), int(n)
-    if n <= 0:
-        raise UsageError(f"a proportion needs n >= 1 trials, got n={n}")
-    if not 0 <= k <= n:
-        raise UsageError(f"successes k={k} must lie in [0, n={n}]")
-    if not 0.0 < confidence < 1.0:
-        raise UsageError(f"confidence must lie in (0, 1), got {confidence}")
-    a = 1.0 - confidence
-    lo = 0.0 if k == 0 else float(beta.ppf(a / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - a / 2, k + 1, n - k))
-    return lo, hi
+    """Exact two-sided Clopper-Pearson interval (:func:`robkd.utils.stats.clopper_pearson`) at the audit's
+    confidence by default."""
+    return _clopper_pearson(k, n, confidence)
 
 
 @dataclasses.dataclass(frozen=True)

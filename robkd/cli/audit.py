@@ -11,8 +11,12 @@ import sys
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
+    """The ``audit`` subcommand; every flag named like an :class:`AuditConfig` field sets that field, and the
+    defaults shown in the help are the dataclass' own."""
+    from robkd.auditing.config import AuditConfig
     from robkd.cli.common import add_data_args, add_model_args
 
+    d = AuditConfig()  # the defaults (no validation: nothing is given)
     p = sub.add_parser(
         "audit",
         help="attack suite over radii on teacher and student, transfer figures, gates, results.json",
@@ -26,32 +30,32 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("teacher", nargs="?", help="teacher model file (or 'teacher' in --spec)")
     p.add_argument("student", nargs="?", help="student model file (or 'student' in --spec)")
     p.add_argument("--spec", help="audit spec (TOML) with the same settings; flags override it")
-    add_data_args(p, default_n=1000)
+    add_data_args(p, default_n=d.n, default_split=d.split, default_seed=d.seed)
     add_model_args(p, pair=True)
     g = p.add_argument_group("threat model and attacks")
     g.add_argument("--eps", help="radii in [0,1] pixel space, e.g. 0.05,0.1 or 1/255,2/255,...,8/255 (default: the dataset's usual radius)")
-    g.add_argument("--norm", choices=["Linf", "L2", "linf", "l2"], help="threat-model norm (default Linf)")
-    g.add_argument("--attacks", help="comma-separated attack suite in cascade order, e.g. fgsm,pgd-20,autoattack (default pgd-20); "
+    g.add_argument("--norm", choices=["Linf", "L2", "linf", "l2"], help=f"threat-model norm (default {d.norm})")
+    g.add_argument("--attacks", help=f"comma-separated attack suite in cascade order, e.g. fgsm,pgd-20,autoattack (default {','.join(d.attacks)}); "
                         "a -eot<n> suffix (pgd-20-eot10) averages gradients over n passes for stochastic models")
-    g.add_argument("--batch-size", type=int, help="batch size (default 256)")
-    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
+    g.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
+    g.add_argument("--device", help=f"cpu, cuda, cuda:N or mps (default {d.device})")
     a = p.add_argument_group("analyses")
     a.add_argument("--certify", choices=["ibp", "crown", "alpha-crown"], help="also certify both models at every radius")
     a.add_argument("--llm", action="store_true", default=None, help="also compute the Proposition-2 terms (local linearity) per radius")
-    a.add_argument("--llm-steps", type=int, help="ascent steps of the local-linearity estimate (default 20)")
+    a.add_argument("--llm-steps", type=int, help=f"ascent steps of the local-linearity estimate (default {d.llm_steps})")
     a.add_argument("--llm-restarts", type=int,
-                   help="random restarts of the local-linearity and Proposition-2 LHS ascents (default 1)")
+                   help=f"random restarts of the local-linearity and Proposition-2 LHS ascents (default {d.llm_restarts})")
     a.add_argument("--linear-region-radius", action="store_true", default=None,
                    help="with --certify: also find, per sample, the largest radius inside one linear region "
                         "(bisection, about 14 bound passes per sample)")
     o = p.add_argument_group("gates and output")
     o.add_argument("--gate", action="append", dest="gates", metavar="EXPR",
                    help='release gate, repeatable, e.g. "student.worst@8/255 >= 0.9*teacher.worst@8/255" (replaces the spec\'s gates)')
-    o.add_argument("--gate-on", choices=["lower", "point"], help="judge gates on 95%% confidence bounds (lower, default) or point estimates")
+    o.add_argument("--gate-on", choices=["lower", "point"], help=f"judge gates on 95%% confidence bounds (lower) or point estimates (point); default {d.gate_on}")
     o.add_argument("--strict", action="store_true", default=None, help="exit 3 when a sanity check flags the evaluation")
     o.add_argument("--sanity-n", type=int, metavar="N",
                    help="clean-correct samples per model for the attack-based sanity checks (large radius, 10x more "
-                        "PGD steps, per-radius monotonicity; default 64); 0 runs only the cheap checks")
+                        f"PGD steps, per-radius monotonicity; default {d.sanity_n}); 0 runs only the cheap checks")
     o.add_argument("--out", help="output directory for results.json and samples.safetensors")
     o.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out (finished work is not redone)")
     o.add_argument("--overwrite", action="store_true", help="replace an audit already in --out")
@@ -68,43 +72,13 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    from robkd.cli.common import model_kwargs
+    """The settings given on the command line, for :meth:`AuditConfig.from_spec`: every config field whose flag
+    (same name) was given. A flag left off is None and a switch left off (False) is not given either, so
+    the spec file or the dataclass default stays; values are parsed and checked once, by the config."""
+    from robkd.auditing.config import AuditConfig
 
-    mk = model_kwargs(args)  # parses and validates --mean/--std/--input-shape
-    return {
-        "teacher": args.teacher,
-        "student": args.student,
-        "data": args.data,
-        "data_dir": args.data_dir,
-        "split": args.split,
-        "n": args.n,
-        "seed": args.seed,
-        "img_size": args.img_size,
-        "download": True if args.download else None,
-        "eps": args.eps,
-        "norm": args.norm,
-        "attacks": args.attacks,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "certify": args.certify,
-        "llm": args.llm,
-        "llm_steps": args.llm_steps,
-        "llm_restarts": args.llm_restarts,
-        "linear_region_radius": args.linear_region_radius,
-        "gates": args.gates,
-        "gate_on": args.gate_on,
-        "strict": args.strict,
-        "sanity_n": args.sanity_n,
-        "out": args.out,
-        "arch": args.arch,
-        "teacher_arch": args.teacher_arch,
-        "student_arch": args.student_arch,
-        "mean": list(mk["mean"]) if mk["mean"] is not None else None,
-        "std": list(mk["std"]) if mk["std"] is not None else None,
-        "num_classes": args.num_classes,
-        "input_shape": list(mk["input_shape"]) if mk["input_shape"] is not None else None,
-        "allow_pickle": True if args.allow_pickle else None,
-    }
+    given = vars(args)
+    return {name: None if given.get(name) is False else given.get(name) for name in AuditConfig.field_names()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume and not cfg.out:
         raise UsageError("--resume needs --out DIR (the directory of the interrupted audit)")
 
-    from robkd.auditing.core import run_audit
+    from robkd.auditing.api import run_audit
     from robkd.auditing.render import ProgressDisplay, summary_tables
     from robkd.distributed.launch import strip_launcher_args
     from robkd.utils.progress import progress_bar

@@ -24,16 +24,18 @@ def add_model_args(p: argparse.ArgumentParser, *, pair: bool = True) -> None:
     )
 
 
-def add_data_args(p: argparse.ArgumentParser, *, default_n: int | None = 1000) -> None:
-    """Dataset, subset size and seed."""
+def add_data_args(p: argparse.ArgumentParser, *, default_n: int | None = 1000, default_split: str = "test",
+                  default_seed: int = 0) -> None:
+    """Dataset, subset size and seed; the ``default_*`` values are the command's own defaults, shown in the
+    help (the flags themselves default to None: "not given")."""
     g = p.add_argument_group("data")
     g.add_argument("--data", help="dataset name (fashion-mnist, mnist, cifar10, cifar100, imagefolder, fashion-mnist-slice) or a .npz/.pt file")
     g.add_argument("--data-dir", help="directory holding the dataset files")
-    g.add_argument("--split", default=None, help="split to evaluate on (default: test)")
+    g.add_argument("--split", default=None, help=f"split to evaluate on (default: {default_split})")
     g.add_argument("--n", "-n", "--num-samples", dest="n", type=int, default=None,
                    help=f"number of samples, a seeded random subset (default: {default_n}); "
                         "under torchrun write -n or --num-samples (torchrun mistakes --n for its own --nnodes)")
-    g.add_argument("--seed", type=int, default=None, help="seed for the subset and the attacks (default: 0)")
+    g.add_argument("--seed", type=int, default=None, help=f"seed for the subset and the attacks (default: {default_seed})")
     g.add_argument("--img-size", type=int, help="resize ImageFolder images to this size")
     g.add_argument("--download", action="store_true", help="download the dataset through torchvision if missing")
 
@@ -45,44 +47,17 @@ def add_device_arg(g: "argparse._ActionsContainer", *, what: str = "computes") -
                         "uses cuda:LOCAL_RANK and the nccl backend")
 
 
-def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    """``'0.5,0.5'`` -> (0.5, 0.5); raises UsageError on bad numbers."""
-    if text is None:
-        return None
-    from robkd.errors import UsageError
-
-    try:
-        vals = tuple(float(v) for v in str(text).split(",") if v.strip())
-    except ValueError as exc:
-        raise UsageError(f"bad {what} {text!r}: expected comma-separated numbers") from exc
-    if not vals:
-        raise UsageError(f"empty {what}")
-    return vals
-
-
-def parse_shape(text: str | None) -> tuple[int, int, int] | None:
-    """``'3,32,32'`` -> (3, 32, 32)."""
-    if text is None:
-        return None
-    from robkd.errors import UsageError
-
-    try:
-        vals = tuple(int(v) for v in str(text).replace("x", ",").split(","))
-    except ValueError as exc:
-        raise UsageError(f"bad --input-shape {text!r}: expected C,H,W") from exc
-    if len(vals) != 3 or min(vals) <= 0:
-        raise UsageError(f"bad --input-shape {text!r}: expected three positive integers C,H,W")
-    return vals  # type: ignore[return-value]
-
-
 def model_kwargs(args: argparse.Namespace, role: str | None = None) -> dict[str, Any]:
     """Keyword arguments for :func:`robkd.models.load_model` from parsed flags."""
+    from robkd.utils.validate import parse_floats, parse_shape
+
     arch = getattr(args, f"{role}_arch", None) if role else None
+    mean, std, shape = (getattr(args, k, None) for k in ("mean", "std", "input_shape"))
     return dict(
         arch=arch or getattr(args, "arch", None),
-        mean=parse_floats(getattr(args, "mean", None), "--mean"),
-        std=parse_floats(getattr(args, "std", None), "--std"),
+        mean=None if mean is None else tuple(parse_floats(mean, "mean (--mean)")),
+        std=None if std is None else tuple(parse_floats(std, "std (--std)")),
         num_classes=getattr(args, "num_classes", None),
-        input_shape=parse_shape(getattr(args, "input_shape", None)),
+        input_shape=None if shape is None else parse_shape(shape),
         allow_pickle=bool(getattr(args, "allow_pickle", False)),
     )

@@ -110,11 +110,11 @@ def hparams_from_args(args: argparse.Namespace) -> dict[str, Any]:
     ``epochs`` are arguments of :func:`robkd.distill.train` / :func:`robkd.distill.repair` themselves)."""
     import dataclasses
 
-    from robkd.cli.common import parse_floats
     from robkd.types import parse_radius
+    from robkd.utils.validate import parse_floats
 
     hp = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("method", "epochs")}
-    hp["milestones"] = parse_floats(args.milestones, "--milestones")
+    hp["milestones"] = None if args.milestones is None else tuple(parse_floats(args.milestones, "--milestones"))
     for name in ("eps", "step_size"):
         hp[name] = parse_radius(hp[name]) if hp[name] is not None else None
     return hp

@@ -158,16 +158,18 @@ def _run(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | None, res
     from robkd.distributed import current
 
     import contextlib
+    import os
 
     from robkd.utils.outdir import OutDirLock
 
-    student, teacher = trainer.student, trainer.teacher
+    # rank 0 of a torchrun job writes the checkpoint (the process group may not be up yet: read RANK)
+    is_main = current().is_main and int(os.environ.get("RANK", "0") or 0) == 0
     lock: Any = contextlib.nullcontext()
-    if out_p is not None and current().is_main:
+    if out_p is not None and is_main:
         # a second training run writing the same checkpoint (and its state file) is refused
         lock = OutDirLock(out_p.parent, what="--out", lock_name=f".{out_p.name}.lock")
     with lock:
-        if out_p is not None and current().is_main:
+        if out_p is not None and is_main:
             remove_stale_temps(out_p)  # left by a kill during an earlier save of this checkpoint
         return _fit_and_save(trainer, teacher_src, tr=tr, va=va, name=name, out_p=out_p, resume=resume,
                              max_steps=max_steps, extra_prov=extra_prov)

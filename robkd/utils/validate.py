@@ -100,3 +100,11 @@ def parse_floats(value: Any, name: str, *, separators: str = ",") -> list[float]
     if len(out) != len(items) or not out or any(not math.isfinite(x) for x in out):
         raise UsageError(f"bad {name} {value!r}: expected finite numbers")
     return out
+
+
+def parse_shape(value: Any, name: str = "input_shape (--input-shape)") -> tuple[int, int, int]:
+    """Three positive integers C,H,W from ``"3,32,32"``, ``"3x32x32"`` or a sequence."""
+    vals = parse_floats(value, name, separators=",x")
+    if len(vals) != 3 or any(v <= 0 or v != int(v) for v in vals):
+        raise UsageError(f"{name} must be three positive integers C,H,W, got {value!r}")
+    return int(vals[0]), int(vals[1]), int(vals[2])

@@ -1,0 +1,196 @@
+"""Running an audit: validate everything, attack both models on identical samples, aggregate, judge.
+
+Order of work (so that bad input never leaves a half-written output directory):
+
+1. :func:`~robkd.auditing.plan.make_plan`: resolve both models, load the data and the seeded subset,
+   check the pair and the data against each other, parse the radii, the attacks and the gates; only then
+2. :func:`~robkd.auditing.store.audit_output`: lock and create the output directory (or pick up its saved
+   state with ``resume``), and
+3. :mod:`~robkd.auditing.stages`: per model, clean predictions, the attack suite (state saved after every
+   finished (attack, radius)), optional certification; then the optional Proposition-2 terms on the pair,
+   the sanity checks; :mod:`~robkd.auditing.aggregate`: the results; finally the gates.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from robkd.auditing import aggregate, stages
+from robkd.auditing.config import AuditConfig
+from robkd.auditing.judging import judge
+from robkd.auditing.plan import ROLES, AuditPlan, make_plan
+from robkd.auditing.result import RESULTS_FILE, SAMPLES_FILE, AuditResult, gate_samples, lookup_metric
+from robkd.auditing.stages import EventFn, ModelOutcome
+from robkd.auditing.store import STATE_DIR, StateStore, audit_output, check_out_dir
+from robkd.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def audit(
+    teacher: "str | Path | nn.Module",
+    student: "str | Path | nn.Module",
+    *,
+    data: str | None = None,
+    data_dir: str | None = None,
+    n: int | None = None,
+    seed: int | None = None,
+    eps: "Sequence[float] | str | float | None" = None,
+    norm: str | None = None,
+    attacks: "Sequence[str] | str | None" = None,
+    out_dir: "str | Path | None" = None,
+    gates: "Sequence[str] | None" = None,
+    resume: bool = False,
+    certify: str | None = None,
+    llm: bool | None = None,
+    **kw: Any,
+) -> AuditResult:
+    """Audit a teacher/student pair on identical samples; returns an :class:`AuditResult`.
+
+    ``teacher``/``student`` are model files or loaded models. A setting left None takes its
+    :class:`AuditConfig` default (``data`` fashion-mnist, ``n`` 1000, ``seed`` 0, ``norm`` Linf,
+    ``attacks`` pgd-20, no gates); ``eps`` defaults to the dataset's usual radius. Further keywords: any
+    :class:`AuditConfig` field (``split``, ``batch_size``, ``device``, ``gate_on``, ``strict``,
+    ``llm_steps``, model-loading options ``arch``, ``teacher_arch``, ``student_arch``, ``mean``, ``std``,
+    ``num_classes``, ``input_shape``, ``allow_pickle``...), plus ``overwrite`` (replace an existing audit
+    in ``out_dir``), ``on_event`` (progress callback) and ``command`` (the command line to record). With
+    ``out_dir`` the results are written there.
+    """
+    runtime = {k: kw.pop(k) for k in ("overwrite", "on_event", "command") if k in kw}
+    values: dict[str, Any] = dict(
+        data=data, data_dir=data_dir, n=n, seed=seed, eps=eps, norm=norm,
+        attacks=[attacks] if isinstance(attacks, str) else (list(attacks) if attacks is not None else None),
+        gates=list(gates) if gates is not None else None, certify=certify, llm=llm,
+        out=str(out_dir) if out_dir is not None else None,
+    )
+    values.update(kw)
+    for role, obj in (("teacher", teacher), ("student", student)):
+        if isinstance(obj, (str, Path)):
+            values[role] = str(obj)
+    cfg = AuditConfig.from_spec(None, **values)
+    return run_audit(
+        cfg,
+        teacher=None if isinstance(teacher, (str, Path)) else teacher,
+        student=None if isinstance(student, (str, Path)) else student,
+        resume=resume,
+        **runtime,
+    )
+
+
+def run_audit(
+    cfg: AuditConfig,
+    *,
+    teacher: nn.Module | None = None,
+    student: nn.Module | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_event: EventFn | None = None,
+    command: Sequence[str] | None = None,
+) -> AuditResult:
+    """Run the audit described by ``cfg`` (models given here override ``cfg.teacher/student``); ``cfg``
+    itself is left as it is (the resolved settings are the plan's, recorded in ``results.json``).
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), every rank attacks a contiguous
+    shard of the samples and keeps its own resume state under ``DIR/state/rank<k>/``;
+    rank 0 gathers the shards and writes the same results a single process would
+    (see docs/distributed.md). Ranks other than 0 return the result without
+    per-sample tensors.
+    """
+    from robkd.distributed import check_same, init_from_env
+
+    t_start = time.perf_counter()
+    cfg = copy.deepcopy(cfg).validate()
+    out = Path(cfg.out) if cfg.out else None
+    if out is not None:  # cheap output checks before any model or data is loaded
+        check_out_dir(out, resume=resume, overwrite=overwrite)
+    ctx = init_from_env(cfg.device)
+    plan = make_plan(cfg, teacher, student, ctx)
+    if ctx.distributed:
+        check_same(plan.fingerprint, "the models, data and settings", ctx)
+        if plan.n < ctx.world_size:
+            raise UsageError(f"{plan.n} samples cannot be shared by {ctx.world_size} processes: use more samples or fewer processes")
+    if out is None:
+        return _compute(plan, ctx, None, None, t_start=t_start, on_event=on_event, command=command)
+    with audit_output(out, plan.fingerprint, ctx, resume=resume, overwrite=overwrite) as state:
+        return _compute(plan, ctx, out, state, t_start=t_start, on_event=on_event, command=command)
+
+
+def _compute(plan: AuditPlan, ctx: Any, out: Path | None, state: StateStore | None, *, t_start: float,
+             on_event: EventFn | None, command: Sequence[str] | None) -> AuditResult:
+    """The audit's computation once the plan is made and the output directory (if any) is ready."""
+    from robkd.distributed import on_main, shard_positions
+
+    timings: dict[str, Any] = {"prepare_s": time.perf_counter() - t_start}
+    event: EventFn = on_event or (lambda kind, info: None)
+
+    # ---- per rank: clean predictions, the attack suite and certification on this rank's shard
+    pos = shard_positions(plan.n, ctx.rank, ctx.world_size)
+    if ctx.distributed:
+        pos_dev = pos.to(plan.device)
+        x_s, y_s = plan.x[pos_dev], plan.y[pos_dev]
+    else:
+        x_s, y_s = plan.x, plan.y
+    outcomes = {role: stages.run_model(plan, role, x_s, y_s, pos, state, event) for role in ROLES}
+    if not ctx.distributed:
+        return _finish(plan, outcomes, timings, t_start, event, command, out, state, distributed=None)
+
+    # ---- rank 0: gather the shards, then aggregate, analyses on the whole set, gates, results.json
+    whole = _gather(outcomes, pos, plan.n, ctx)
+    holder: dict[str, AuditResult] = {}
+
+    def finish_main() -> tuple[dict[str, Any], list[Any]]:
+        dist = {**ctx.to_dict(), "sharding": "contiguous", "shard_state": f"{STATE_DIR}/rank<k>/"}
+        result = _finish(plan, whole, timings, t_start, event, command, out, state, distributed=dist)
+        holder["result"] = result
+        return result.to_dict(), result.gates
+
+    data, gate_results = on_main(finish_main, ctx)
+    return holder["result"] if ctx.is_main else AuditResult(data, {}, gate_results)
+
+
+def _gather(outcomes: dict[str, ModelOutcome], pos: torch.Tensor, n: int, ctx: Any) -> dict[str, ModelOutcome]:
+    """Rank 0: every rank's per-model outcomes merged into whole-set outcomes (other ranks: {})."""
+    from robkd.distributed import gather_to_main
+
+    parts = gather_to_main({"pos": pos, "outcomes": {role: o.cpu() for role, o in outcomes.items()}}, ctx)
+    if parts is None:
+        return {}
+    positions = [p["pos"] for p in parts]
+    return {role: stages.merge_outcomes([p["outcomes"][role] for p in parts], positions, n) for role in ROLES}
+
+
+def _finish(plan: AuditPlan, outcomes: dict[str, ModelOutcome], timings: dict[str, Any], t_start: float,
+            event: EventFn, command: Sequence[str] | None, out: Path | None, state: StateStore | None, *,
+            distributed: dict[str, Any] | None) -> AuditResult:
+    """Whole-set analyses, aggregation, the gates and (with ``out``) the results files."""
+    cfg = plan.cfg
+    non_finite = {role: stages.count_non_finite(plan, outcomes[role]) for role in ROLES}
+    prop2 = None
+    if cfg.llm:
+        t0 = time.perf_counter()
+        prop2 = stages.prop2(plan, state, event)  # whole set, on rank 0 (not sharded: see docs/distributed.md)
+        timings["llm_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    flags = stages.sanity(plan, {role: outcomes[role].suite for role in ROLES})
+    timings["sanity_s"] = time.perf_counter() - t0
+    flags = flags + stages.non_finite_flags(non_finite)
+    data, tensors = aggregate.results(plan, outcomes, non_finite, prop2, flags, timings, command=command,
+                                      distributed=distributed)
+    gate_results = [judge(g, lambda ref: lookup_metric(data, ref), on=cfg.gate_on, samples=gate_samples(data, tensors),
+                          seed=cfg.seed) for g in plan.gates]
+    data["gates"] = [r.to_dict() for r in gate_results]
+    data["gates_passed"] = all(r.passed for r in gate_results)
+    timings["total_s"] = time.perf_counter() - t_start
+    result = AuditResult(data, tensors, gate_results)
+    data["exit_code"] = result.exit_code
+    if out is not None:
+        result.write(out)
+        log.info("wrote %s and %s", out / RESULTS_FILE, out / SAMPLES_FILE)
+    return result
