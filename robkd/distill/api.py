@@ -17,6 +17,7 @@ from robkd.distill.trainer import Trainer
 from robkd.errors import OutputError, TrainingDivergedError, UsageError
 from robkd.models.identity import model_sha256
 from robkd.utils.io import remove_stale_temps, sha256_file
+from robkd.utils.outdir import check_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,9 @@ def _output_paths(out: Any, state_path: Any, log_path: Any, audit_out: Any = Non
         if p is not None and p.is_dir():
             raise OutputError(f"the {what} {p} is a directory: give a file path (e.g. {p / example})")
         if p is not None:
-            _check_parent(p, what)
+            check_out_dir(p.parent)  # the folder of the file: an existing writable one, or one that can be made
     if audit_out is not None:
-        a = Path(audit_out)
-        if a.exists() and not a.is_dir():
-            raise OutputError(f"the audit output directory {a} exists and is not a directory")
-        if a.is_dir() and not os.access(a, os.W_OK | os.X_OK):
-            raise OutputError(f"the audit output directory {a} is not writable")
-        _check_parent(a, "audit output directory")
+        a = check_out_dir(audit_out)
         named.append((a, "audit output directory"))
     seen: dict[Path, str] = {}
     for p, what in named:
@@ -102,17 +98,6 @@ def _output_paths(out: Any, state_path: Any, log_path: Any, audit_out: Any = Non
             raise OutputError(f"the {seen[key]} and the {what} are the same path {p}: give them different paths")
         seen[key] = what
     return out_p, state_p, log_p
-
-
-def _check_parent(path: Path, what: str) -> None:
-    """The nearest existing folder above ``path`` must be a writable directory (``path``'s folders are created)."""
-    anc = path.parent
-    while not os.path.lexists(anc) and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputError(f"cannot write the {what} {path}: {anc} is not a directory")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the {what} {path}: {anc} is not writable")
 
 
 def _unrebuildable(meta: Any) -> str | None:
@@ -158,7 +143,6 @@ def _run(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | None, res
     from robkd.distributed import current
 
     import contextlib
-    import os
 
     from robkd.utils.outdir import OutDirLock
 
