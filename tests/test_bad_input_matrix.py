@@ -313,3 +313,18 @@ def test_long_multi_line_errors_are_cut_to_one_line(capsys):
     assert code == 4 and len(msg) < 600 and "\x1b" not in msg
     msg, code = describe_failure(MemoryError())
     assert code == 2 and "memory" in msg
+
+
+def test_a_result_that_breaks_its_own_schema_is_an_internal_error(pair, tmp_path, capsys, monkeypatch):
+    """The writer validates before writing; when the audit's own result fails, that is robkd's bug: exit 4
+    (not 2, which would blame the user's input), one line, and no results file."""
+    import robkd.auditing.result as result_mod
+    from robkd.report.schema import ResultsError
+
+    def broken(data, what):
+        raise ResultsError(f"{what} breaks the results schema at student.clean: injected")
+
+    monkeypatch.setattr(result_mod, "validate_results", broken)
+    out = tmp_path / "out"
+    expect_failure(["audit", *pair, *COMMON, "--out", str(out)], capsys, code=4, contains=["internal error", "own schema"])
+    assert not (out / "results.json").exists()

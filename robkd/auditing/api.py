@@ -26,7 +26,7 @@ from robkd.auditing import aggregate, stages
 from robkd.auditing.config import AuditConfig
 from robkd.auditing.judging import judge
 from robkd.auditing.plan import ROLES, AuditPlan, make_plan
-from robkd.auditing.result import RESULTS_FILE, SAMPLES_FILE, AuditResult, gate_samples, lookup_metric
+from robkd.auditing.result import RESULTS_FILE, SAMPLES_FILE, AuditResult, ResultsError, gate_samples, lookup_metric
 from robkd.auditing.stages import EventFn, ModelOutcome
 from robkd.auditing.store import STATE_DIR, StateStore, audit_output, check_out_dir
 from robkd.errors import UsageError
@@ -191,6 +191,9 @@ def _finish(plan: AuditPlan, outcomes: dict[str, ModelOutcome], timings: dict[st
     result = AuditResult(data, tensors, gate_results)
     data["exit_code"] = result.exit_code
     if out is not None:
-        result.write(out)
+        try:
+            result.write(out)
+        except ResultsError as exc:  # the audit's own result breaks the schema: a robkd bug (exit 4), not bad input
+            raise RuntimeError(f"the audit produced a result that breaks its own schema ({exc})") from exc
         log.info("wrote %s and %s", out / RESULTS_FILE, out / SAMPLES_FILE)
     return result
