@@ -78,16 +78,7 @@ class ReferenceBoundedModel(BoundedModel):
             P = ps.shape[0]
             sub_inputs = inputs.select(ps)
             sub_bounds = {name: (bounds[name][0][ps], bounds[name][1][ps]) for name in relu_in}
-            if unit is not None:
-                U, const = unit
-                a = U[pn]
-                spec = torch.stack([a, -a], 1)
-                bias0 = torch.stack([const[pn], -const[pn]], 1)
-            else:
-                eye = torch.zeros(P, n, device=lo.device)
-                eye[torch.arange(P), pn] = 1.0
-                spec = torch.stack([eye, -eye], 1).reshape((P, 2) + op.out_shape)
-                bias0 = 0.0
+            spec, bias0 = self.neuron_spec(op, unit, pn, lo.device)
             if start == self.input_name:
                 A, bias = spec, torch.zeros(P, 2, device=lo.device)
             else:

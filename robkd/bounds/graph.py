@@ -14,7 +14,7 @@ come from CROWN), by projected Adam on alpha in [0, 1].
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -193,6 +193,19 @@ class BoundedModel:
                 relax[op.name] = relaxation(*ins[0])
         return bounds, relax
 
+    @staticmethod
+    def neuron_spec(op: ops.BoundOp, unit: Any, pn: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
+        """The backward specification bounding neurons ``pn`` of ``op`` from below and above (rows ``+e``,
+        ``-e``), and its constant: through ``op``'s unit response ``(U, const)`` when it has one."""
+        if unit is not None:
+            U, const = unit
+            a = U[pn]
+            return torch.stack([a, -a], 1), torch.stack([const[pn], -const[pn]], 1)
+        P, n = pn.shape[0], math.prod(op.out_shape)
+        eye = torch.zeros(P, n, device=device)
+        eye[torch.arange(P), pn] = 1.0
+        return torch.stack([eye, -eye], 1).reshape((P, 2) + op.out_shape), 0.0
+
     def _crown_node(
         self, inputs: InputSet, op: ops.BoundOp, lo: torch.Tensor, hi: torch.Tensor, relax: dict[str, Relaxation]
     ) -> ops.Bounds:
@@ -234,16 +247,7 @@ class BoundedModel:
             sub_relax = {
                 name: tuple(None if t is None else t[ps] for t in relax[name]) for name in relus if name in relax
             }
-            if unit is not None:
-                U, const = unit
-                a = U[pn]
-                spec = torch.stack([a, -a], 1)
-                bias0 = torch.stack([const[pn], -const[pn]], 1)
-            else:
-                eye = torch.zeros(P, n, device=lo.device)
-                eye[torch.arange(P), pn] = 1.0
-                spec = torch.stack([eye, -eye], 1).reshape((P, 2) + op.out_shape)
-                bias0 = 0.0
+            spec, bias0 = self.neuron_spec(op, unit, pn, lo.device)
             if start == self.input_name:
                 A, bias = spec, torch.zeros(P, 2, device=lo.device)
             else:
