@@ -19,6 +19,8 @@ _API = {
     "RobustModel": "robkd.models",
     "load_dataset": "robkd.data",
     "audit": "robkd.auditing",
+    "evaluate": "robkd.auditing",
+    "EvaluationResult": "robkd.auditing",
     "certify": "robkd.bounds",
     "train": "robkd.distill",
     "repair": "robkd.distill",

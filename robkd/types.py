@@ -90,7 +90,10 @@ def parse_eps_list(text: "str | list[Any] | tuple[Any, ...]") -> list[float]:
 
 
 def format_radius(eps: float) -> str:
-    """Human form of a radius: ``8/255`` when it is k/255, else a short decimal."""
+    """Human form of a radius: a short decimal when one is exact (``0.2``, ``0.05``, not ``51/255``), else
+    ``8/255`` when it is k/255, else the shortest decimal."""
+    if float(f"{eps:.4g}") == eps:
+        return f"{eps:g}"
     k = eps * 255
     if eps > 0 and abs(k - round(k)) < 1e-9 and round(k) < 10000:
         return f"{int(round(k))}/255"

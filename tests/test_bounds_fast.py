@@ -81,11 +81,14 @@ def _ctx(x, eps, norm):
 
 
 def test_window_plan_used_for_conv_layers():
-    for kind, shape, n_conv in (("medium", (3, 12, 12), 1), ("small", (1, 16, 16), 2)):
+    # issue 16: windows also start at BatchNorm-after-conv nodes (and cross residual adds), not only at convs
+    for kind, shape, n_plans in (("medium", (3, 12, 12), 2), ("small", (1, 16, 16), 2)):
         bm = BoundedModel(_conv_net(kind, 0), shape)
         plans = {bm.ops[bm.index[name]]: windows.make_plan(bm, bm.ops[bm.index[name]]) for name in bm.relu_inputs}
-        assert sum(p is not None for p in plans.values()) == n_conv, plans
-        assert all(p is None for op, p in plans.items() if not isinstance(op, ops.Conv2d))
+        assert sum(p is not None for p in plans.values()) == n_plans, plans
+        assert all(p is None for op, p in plans.items() if isinstance(op, ops.Linear))
+        if kind == "medium":
+            assert any(p is not None for op, p in plans.items() if isinstance(op, ops.ElementwiseAffine))
 
 
 def test_windows_match_explicit_slicing():
@@ -172,7 +175,7 @@ def test_certify_early_exit_matches_reference(cnn_slice, eps):
     with torch.no_grad():
         for p in random_points(x, eps, Norm.LINF, 20, 3):
             assert ((m(p).unsqueeze(1) * C).sum(-1) >= fast.margin_lb - 1e-4).all()
-    assert set(fast.decided_by) <= {"ibp", "crown-ibp", "crown", "counterexample", "not-requested"}
+    assert set(fast.decided_by) <= {"ibp", "crown-ibp", "crown", "counterexample", "not-requested", "misclassified"}
     # every sample decided by a counterexample really is misclassified at some point of the ball:
     # the reference never certifies it
     cx = torch.tensor([d == "counterexample" for d in fast.decided_by])

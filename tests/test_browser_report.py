@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import report_fixtures as F
+import report_samples as S
 
 from robkd.report import render
 
@@ -59,7 +60,8 @@ def _report_dict() -> dict:
 @needs_chromium
 def test_report_in_headless_chromium(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    render(_report_dict(), out, formats=("html",))
+    d, _ = S.with_samples(_report_dict(), out)  # per-class counts and a samples file: the diagnostics sections
+    render(d, out, formats=("html",))
     url = (out / "report.html").as_uri()
     profile = tmp_path / "profile"
 
@@ -74,7 +76,10 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     dom = res.stdout
     assert "Verdict: FAIL" in dom
-    assert dom.count("<svg") >= 5  # worst case, cascade, certification, LLM, Prop 2
+    assert dom.count("<svg") >= 6  # worst case, cascade, per class, certification, LLM, Prop 2
+    assert 'id="per-class"' in dom and 'id="lost-samples"' in dom
+    assert dom.count('<img src="data:image/png;base64,') == 8  # the lost-sample gallery (allowed by the page's CSP)
+    assert "of all" in dom and "of the teacher-robust" in dom  # the one phrasing of lost samples
     assert "<script" not in dom.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom  # the hostile name is shown as text
     assert _console(res.stderr) == [], _console(res.stderr)

@@ -103,7 +103,7 @@ def test_gate_failure_exits_1(pair, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert [g["passed"] for g in data["gates"]] == [True, False]
     g = data["gates"][1]
-    assert g["reason"].startswith("fail") and g["on"] == "lower"
+    assert g["reason"].startswith("FAIL: ") and g["on"] == "lower"
     assert set(g["references"]) == {"student.worst@0.05", "teacher.worst@0.05"}
     # one metric: its exact Clopper-Pearson lower bound against the constant
     g0 = data["gates"][0]

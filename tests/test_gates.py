@@ -189,3 +189,56 @@ def test_paired_judgement_undefined_and_bad_input():
     assert not res.passed and "undefined" in res.reason
     with pytest.raises(GateError):
         judge("student.worst@0.1 >= 0", lookup, samples=samples, resamples=5)
+
+
+def test_messages_state_the_comparison_that_holds_and_the_shortfall():
+    """Issue 14: a FAIL row reads as a failure, constants carry no bound, the shortfall is stated."""
+    vals = {"student.worst@0.1": (0.24, 0.21, 0.27), "teacher.worst@0.1": (0.59, 0.55, 0.6333)}
+    res = judge("student.worst@0.1 >= 0.9*teacher.worst@0.1", table(vals))
+    assert res.reason == ("FAIL: student.worst@0.1 = 0.24 (lower 95% bound 0.21) < 0.9 x teacher.worst@0.1 = 0.531 "
+                          "(upper 95% bound 0.57); short by 0.291")
+    assert res.short_by == pytest.approx(0.9 * 0.59 - 0.24) and res.bound_short_by == pytest.approx(0.9 * 0.6333 - 0.21)
+    res = judge("student.worst@0.1 <= 0.2", table(vals))  # upper bound 0.27 against the constant: no bound on 0.2
+    assert res.reason == "FAIL: student.worst@0.1 = 0.24 (upper 95% bound 0.27) > 0.2; short by 0.04"
+    res = judge("student.worst@0.1 >= 0.2", table(vals))
+    assert res.passed and res.reason == "PASS: student.worst@0.1 = 0.24 (lower 95% bound 0.21) >= 0.2"
+    assert res.short_by is None and res.bound_short_by is None
+    res = judge("student.worst@0.1 >= 0.5", table(vals), on="point")
+    assert res.reason == "FAIL: student.worst@0.1 = 0.24 < 0.5 (point estimates); short by 0.26"
+    # parentheses and operators as written; a constant expression shows its value
+    res = judge("(student.worst@0.1 - 0.1) / 2 >= 1 - 1/2", table(vals), on="point")
+    assert res.reason.startswith("FAIL: (student.worst@0.1 - 0.1) / 2 = 0.07 < 1 - 1 / 2 = 0.5 (point estimates)")
+
+
+def test_radius_kept_as_written():
+    """A radius comes back as the user wrote it in messages, and canonical decimals are not turned into k/255."""
+    from robkd.types import format_radius
+
+    vals = {"student.worst@0.2": (0.5, 0.45, 0.55)}
+    res = judge("student.worst@2e-1 >= 0.6", table(vals))
+    assert "student.worst@2e-1 = 0.5" in res.reason and set(res.references) == {"student.worst@0.2"}
+    assert (format_radius(0.2), format_radius(8 / 255), format_radius(1.0), format_radius(0.05)) == ("0.2", "8/255", "1", "0.05")
+    with pytest.raises(GateError, match=r"radius 0\.2 in"):
+        validate_gate(parse_gate("student.worst@51/255 >= 0.5"), radii=RADII, attacks=ATTACKS, certified=False)
+
+
+def test_paired_messages_and_samples_needed():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    t = (rng.random(200) < 0.6).astype(float)
+    s = t.copy()
+    s[np.flatnonzero(t)[:8]] = 0.0  # the student keeps 94.6% of the teacher's robust samples: >= 0.9 on points
+    lookup, samples = _paired({"student.worst@0.1": s, "teacher.worst@0.1": t})
+    res = judge("student.worst@0.1 >= 0.9*teacher.worst@0.1", lookup, samples=samples)
+    assert not res.passed and res.short_by is None and res.bound_short_by > 0
+    assert "on the point estimates, but it holds only on" in res.reason
+    # the normal approximation of the bootstrap: at the returned n the margin is 1.645 standard errors
+    d = s - 0.9 * t
+    se_needed = d.mean() / 1.645
+    assert res.samples_needed == pytest.approx(len(d) * (d.std() / math.sqrt(len(d)) / se_needed) ** 2, rel=0.25)
+    assert f"about {res.samples_needed} samples would decide it" in res.reason
+    # a paired failure on the point estimates states the shortfall
+    res = judge("student.worst@0.1 >= teacher.worst@0.1", lookup, samples=samples)
+    assert res.reason.startswith("FAIL: student.worst@0.1 = ") and res.reason.endswith(f"short by {8 / 200:.3g}")
+    assert res.samples_needed is None

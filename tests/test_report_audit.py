@@ -59,9 +59,10 @@ def test_report_from_real_audit(real_audit, tmp_path: Path) -> None:
     viol = d["prop2"]["per_radius"][-1]["summary"]
     assert f"{100 * viol['violation_rate']:.1f}% ({viol['violations']}/{viol['n']})" in html
     assert "robkd audit teacher.pt student.pt --eps 1/255,0.02,0.05" in md
-    assert len(re.findall(r"<svg", html)) == 5
-    # re-rendering from the written file (what `robkd report` does) gives the same report
+    assert len(re.findall(r"<svg", html)) == 6  # + robust accuracy per class
+    # re-rendering from the written file (what `robkd report` does: it reads the samples file beside the
+    # results for the gallery of lost samples) gives the same report
     again = tmp_path / "again"
-    render(load_results(out / "results.json"), again)
+    render(load_results(out / "results.json"), again, samples=out / "samples.safetensors")
     assert (again / "report.html").read_text() == html
     assert json.loads((again / "results.json").read_text()) == d

@@ -1,286 +1,232 @@
 """Evaluation sanity checks: signs that an adversarial evaluation is unreliable (gradient masking...).
 
-Each check returns a list of :class:`SanityFlag` (empty when nothing is wrong).
-The checks never just warn: the caller (the audit) decides, e.g. turns flags
-into a failure under ``--strict``.
+The entry point of the checks. The checks themselves live in :mod:`robkd.analysis.sanity_checks` (every
+one stand-alone) and :mod:`robkd.analysis.sanity_reuse` (the attack-based ones started from an attack
+suite's per-sample outcomes, as an audit runs them); everything is re-exported here.
 
-Cheap pre-checks (no attack): :func:`check_randomness`, :func:`check_probability_outputs`,
-:func:`check_gradients`, grouped in :func:`pre_checks`.
-Checks on a finished :class:`~robkd.attacks.SuiteResult`: :func:`check_result`
-(black-box beating white-box, robust accuracy rising with the radius).
-Checks running extra attacks on a small subset: :func:`check_large_radius`,
-:func:`check_more_steps`, :func:`check_radius_monotonicity`, and (for suites with AutoAttack, whose
-Square runs inside pyautoattack) :func:`check_blackbox_subset`.
-:func:`run_sanity_checks` runs whichever apply.
+:func:`plan_checks` lists the checks that apply to one model's evaluation as named
+:class:`SanityCheck` units, each with the parameters its result depends on (the audit saves every
+finished unit for ``--resume`` under a key made of them and reports its progress);
+:func:`run_sanity_checks` runs them all.
+
+The checks (each returns a list of :class:`SanityFlag`, empty when nothing is wrong):
+
+- from a suite result alone: black-box beating white-box and robust accuracy rising with the radius
+  (:func:`check_result`), clean accuracy near chance (:func:`check_clean_accuracy`);
+- cheap, on ``n`` samples: randomness, probability outputs, zero/NaN gradients (:func:`pre_checks`);
+- attack-based, on ``n`` clean-correct samples: large radius, 10x more PGD steps at the middle radius,
+  per-radius monotonicity and (for suites with ``autoattack``/``autoattack-plus``, whose Square is hidden
+  inside pyautoattack's cascade) Square against APGD-CE/APGD-T at the middle radius.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from robkd.attacks.base import attack_mode, check_inputs
-from robkd.utils.modules import model_device
+from robkd.analysis.sanity_checks import (
+    BLACK_BOX,
+    HIDDEN_BLACK_BOX,
+    NEAR_CHANCE_CONFIDENCE,
+    NEAR_CHANCE_SHARE,
+    SanityFlag,
+    _logits,
+    check_blackbox_subset,
+    check_clean_accuracy,
+    check_gradients,
+    check_large_radius,
+    check_monotone,
+    check_more_steps,
+    check_probability_outputs,
+    check_radius_monotonicity,
+    check_randomness,
+    check_result,
+    near_chance_level,
+    pre_checks,
+)
+from robkd.analysis.sanity_reuse import (
+    Report,
+    attack_rows,
+    blackbox_from_suite,
+    large_radius_from_suite,
+    monotonicity_on_subset,
+    more_steps_from_suite,
+    no_report,
+    sanity_subset,
+    suite_digest,
+)
 from robkd.errors import UsageError
-from robkd.types import Norm, format_radius
+from robkd.types import Norm
 from robkd.utils.logits import correct
 
-#: attacks that use no gradient
-BLACK_BOX = {"square"}
-#: suite specs that run Square inside pyautoattack's own cascade: their result cannot say which component
-#: broke a sample, so :func:`check_result` cannot compare Square with the white-box components and
-#: :func:`check_blackbox_subset` runs that comparison separately
-HIDDEN_BLACK_BOX = {"autoattack", "autoattack-plus"}
+__all__ = [
+    "BLACK_BOX", "HIDDEN_BLACK_BOX", "NEAR_CHANCE_CONFIDENCE", "NEAR_CHANCE_SHARE", "SANITY_VERSION", "Report",
+    "SanityCheck", "SanityFlag", "attack_rows", "blackbox_from_suite", "check_blackbox_subset",
+    "check_clean_accuracy", "check_gradients", "check_large_radius", "check_monotone", "check_more_steps",
+    "check_probability_outputs", "check_radius_monotonicity", "check_randomness", "check_result",
+    "large_radius_from_suite", "monotonicity_on_subset", "more_steps_from_suite", "near_chance_level", "no_report",
+    "plan_checks", "pre_checks", "run_sanity_checks", "sanity_subset", "suite_digest",
+]
+
+#: part of every saved check's key: a change to what the checks compute makes a resumed audit recompute them
+SANITY_VERSION = 2
 
 
-@dataclasses.dataclass
-class SanityFlag:
-    """One reason to distrust an evaluation: ``code``, what was seen, what it suggests, which model."""
+@dataclasses.dataclass(frozen=True)
+class SanityCheck:
+    """One named check of one model's evaluation.
 
-    code: str
-    message: str
-    suggestion: str
-    model: str | None = None
-    value: float | None = None
+    ``params``: JSON-safe, everything its result depends on besides the model and the data (with the
+    suite's outcomes as a digest when it reads them); ``run(report)`` computes its flags and reports
+    progress through ``report`` (:data:`~robkd.analysis.sanity_reuse.Report`); ``saved``: worth saving
+    for resume (False for the checks read off the suite result, which cost nothing).
+    """
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict."""
-        return dataclasses.asdict(self)
-
-
-def _subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if n is None or n >= x.shape[0]:
-        return x, y
-    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return x[idx.to(x.device)], y[idx.to(y.device)]
+    name: str
+    params: Mapping[str, Any]
+    run: Callable[[Report], list[SanityFlag]]
+    saved: bool = True
 
 
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    device = model_device(model)
-    with attack_mode(model), torch.no_grad():
-        return torch.cat([model(x[s : s + batch_size].to(device)).float().cpu() for s in range(0, x.shape[0], batch_size)])
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    meta = getattr(model, "meta", None)
+    k = getattr(meta, "num_classes", None)
+    if isinstance(k, int) and k > 0:
+        return k
+    return int(_logits(model, x[:1]).shape[1])
 
 
-def check_randomness(model: nn.Module, x: torch.Tensor, *, name: str | None = None, passes: int = 3,
-                     tol: float = 1e-5) -> list[SanityFlag]:
-    """Flag ``stochastic-outputs`` when repeated eval-mode forward passes on the same input differ."""
-    outs = [_logits(model, x) for _ in range(max(2, passes))]
-    scale = max(1.0, float(outs[0].abs().max()))
-    diff = max(float((o - outs[0]).abs().max()) for o in outs[1:])
-    if diff > tol * scale:
-        return [SanityFlag(
-            "stochastic-outputs",
-            f"the model's outputs change between identical forward passes in eval mode (max |diff| = {diff:.3g})",
-            "a randomised model: gradient attacks see a noisy gradient; evaluate with EOT "
-            "(eot_iter > 1, or autoattack-rand) and report the randomness",
-            name, diff)]
-    return []
+def _clean_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Positions of ``n`` samples the model classifies correctly, chosen with ``seed`` (without a suite)."""
+    ok = correct(_logits(model, x), y.cpu()).nonzero().flatten()
+    if n < ok.numel():
+        ok = ok[torch.randperm(ok.numel(), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
+    return ok
 
 
-def check_probability_outputs(model: nn.Module, x: torch.Tensor, *, name: str | None = None,
-                              tol: float = 1e-4) -> list[SanityFlag]:
-    """Flag ``probability-outputs`` when the outputs look like softmax rows (non-negative, summing to 1)."""
-    out = _logits(model, x)
-    if out.dim() == 2 and bool((out >= -tol).all()) and bool(((out.sum(1) - 1).abs() <= tol).all()):
-        return [SanityFlag(
-            "probability-outputs",
-            "the model outputs probabilities (rows are non-negative and sum to 1), not logits",
-            "attack losses on probabilities saturate (vanishing gradients: a form of gradient masking); "
-            "remove the final softmax so the evaluation sees logits",
-            name)]
-    return []
-
-
-def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, name: str | None = None,
-                    batch_size: int = 256) -> list[SanityFlag]:
-    """Flag ``nan-gradients`` and ``zero-gradients`` (input gradient of the CE loss, per sample)."""
-    device = model_device(model)
-    zero = nan = 0
-    with attack_mode(model):
-        for s in range(0, x.shape[0], batch_size):
-            xb = x[s : s + batch_size].detach().to(device).requires_grad_(True)
-            with torch.enable_grad():
-                loss = torch.nn.functional.cross_entropy(model(xb), y[s : s + batch_size].to(device), reduction="sum")
-                (g,) = torch.autograd.grad(loss, xb, allow_unused=True)
-            if g is None:
-                zero += xb.shape[0]
-                continue
-            flat = g.flatten(1)
-            bad = ~torch.isfinite(flat).all(1)
-            nan += int(bad.sum())
-            zero += int(((flat == 0).all(1) & ~bad).sum())
-    n = max(1, x.shape[0])
-    flags = []
-    if nan:
-        flags.append(SanityFlag(
-            "nan-gradients", f"{nan}/{x.shape[0]} samples have NaN or infinite input gradients",
-            "a numerically broken or non-differentiable model: gradient attacks fail silently; "
-            "fix the model or evaluate with gradient-free attacks (square)", name, nan / n))
-    if zero:
-        flags.append(SanityFlag(
-            "zero-gradients", f"{zero}/{x.shape[0]} samples have an all-zero input gradient",
-            "gradient masking (e.g. a non-differentiable quantiser or saturated outputs): gradient attacks "
-            "cannot make progress; use BPDA / a differentiable approximation or black-box attacks", name, zero / n))
+def _cheap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str | None, n: int, seed: int,
+           report: Report) -> list[SanityFlag]:
+    m = min(n, int(x.shape[0]))
+    report("start", {"stage": "sanity: cheap checks", "check": "cheap checks", "total": m})
+    try:
+        flags = pre_checks(model, x, y, name=name, n=n, seed=seed)
+        report("advance", {"n": m})
+    finally:
+        report("done", {})
     return flags
 
 
-def pre_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, name: str | None = None,
-               n: int | None = 64, seed: int = 0) -> list[SanityFlag]:
-    """The cheap checks (no attack): randomness, probability outputs, zero/NaN gradients, on ``n`` samples."""
-    check_inputs(model, x, y)
-    xs, ys = _subset(x, y, n, seed)
-    return (check_randomness(model, xs, name=name) + check_probability_outputs(model, xs, name=name)
-            + check_gradients(model, xs, ys, name=name))
-
-
-def check_monotone(accuracies: Sequence[float], radii: Sequence[float], *, name: str | None = None,
-                   tol: float = 1e-9) -> list[SanityFlag]:
-    """Flag ``accuracy-rises-with-radius`` when robust accuracy at a larger radius exceeds a smaller one's."""
-    if len(accuracies) != len(radii):
-        raise UsageError("accuracies and radii must have the same length")
-    pairs = sorted(zip(radii, accuracies))
-    for (r0, a0), (r1, a1) in zip(pairs, pairs[1:]):
-        if a1 > a0 + tol:
-            return [SanityFlag(
-                "accuracy-rises-with-radius",
-                f"robust accuracy rises from {a0:.2%} at {format_radius(r0)} to {a1:.2%} at {format_radius(r1)}",
-                "the attack fails to find examples that exist (a larger ball contains the smaller one): "
-                "gradient masking or a too-weak / badly tuned attack", name, a1 - a0)]
-    return []
-
-
-def check_result(result: Any, *, name: str | None = None, square_tol: float = 0.002) -> list[SanityFlag]:
-    """Checks on a finished :class:`~robkd.attacks.SuiteResult`: black-box beating white-box, monotonicity.
-
-    ``blackbox-beats-whitebox`` fires when a gradient-free attack (square), run
-    after at least one white-box attack, breaks samples the white-box attacks left
-    robust amounting to more than ``square_tol`` of ALL audited samples (an absolute
-    drop in robust accuracy, as in AutoAttack's own check).
-    """
-    flags: list[SanityFlag] = []
-    order = list(result.order)
-    n = max(1, result.n)
-    for bb in [a for a in order if a in BLACK_BOX]:
-        white_before = [a for a in order[: order.index(bb)] if a not in BLACK_BOX]
-        if not white_before:
-            continue
-        k = result.attacks.index(bb)
-        counts = (result.broken_by == k).sum(1)
-        ri = int(counts.argmax())
-        frac = float(counts[ri]) / n
-        if frac > square_tol:
-            flags.append(SanityFlag(
-                "blackbox-beats-whitebox",
-                f"{bb} broke {int(counts[ri])} samples ({frac:.2%}) at radius {format_radius(result.radii[ri])} "
-                f"that the white-box attacks ({', '.join(white_before)}) missed",
-                "gradient masking: the gradients mislead the white-box attacks; the robust accuracy is "
-                "overestimated, use stronger / adaptive attacks", name, frac))
-    flags += check_monotone(result.robust_accuracy(), result.radii, name=name)
+def _standalone(report: Report, check: str, total: int, fn: Callable[[], list[SanityFlag]]) -> list[SanityFlag]:
+    """A stand-alone check as one reported phase."""
+    report("start", {"stage": f"sanity: {check}", "check": check, "total": total})
+    try:
+        flags = fn()
+        report("advance", {"n": total})
+    finally:
+        report("done", {})
     return flags
 
 
-def check_blackbox_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "Norm | str", eps: float, *,
-                          white: Sequence[str] = ("apgd-ce", "apgd-t"), n_queries: int = 1000, tol: float = 0.002,
-                          name: str | None = None, seed: int = 0) -> list[SanityFlag]:
-    """Flag ``blackbox-beats-whitebox`` from attacks run here: Square on what the white-box attacks left.
+def plan_checks(
+    model: nn.Module | None = None,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    *,
+    result: Any = None,
+    norm: "Norm | str | None" = None,
+    radii: Sequence[float] | None = None,
+    name: str | None = None,
+    extra: bool = True,
+    n: int = 64,
+    seed: int = 0,
+    attacks: Sequence[str] | None = None,
+    num_classes: int | None = None,
+) -> list[SanityCheck]:
+    """The checks that apply, in order (arguments as in :func:`run_sanity_checks`).
 
-    The white-box attacks (default: AutoAttack's APGD-CE and APGD-T, as configured there) run in turn
-    on the clean-correct samples still unbroken; Square (gradient-free, ``n_queries`` queries) then
-    runs on the samples they all left robust. The flag fires when Square breaks more than ``tol`` of
-    the samples (AutoAttack's own threshold). Every adversarial example is re-checked by a forward
-    pass. Used for suites whose Square is hidden inside pyautoattack's cascade
-    (:data:`HIDDEN_BLACK_BOX`).
+    With a suite ``result`` over the same samples as ``x`` the attack-based checks start from its
+    per-sample outcomes (:mod:`robkd.analysis.sanity_reuse`); without one they attack from scratch.
     """
-    from robkd.attacks import make_attack, verify_adversarial
-
+    if model is None and result is None:
+        raise UsageError("run_sanity_checks needs a model (with x, y) or a suite result")
+    if model is not None and (x is None or y is None):
+        raise UsageError("model checks need x and y")
+    checks: list[SanityCheck] = []
+    if result is not None:
+        checks.append(SanityCheck("suite result", {}, lambda report: check_result(result, name=name), saved=False))
+        norm = norm if norm is not None else result.norm
+        radii = radii if radii is not None else result.radii
+        if num_classes is None and model is not None:
+            num_classes = _num_classes(model, x)
+        if num_classes is not None:
+            k = int(num_classes)
+            checks.append(SanityCheck("clean accuracy", {"num_classes": k},
+                                      lambda report: check_clean_accuracy(result.clean_correct, k, name=name), saved=False))
+    if model is None:
+        return checks
+    checks.append(SanityCheck("cheap checks", {"version": SANITY_VERSION, "n": n, "seed": seed},
+                              lambda report: _cheap(model, x, y, name, n, seed, report)))
+    if not extra:
+        return checks
+    if norm is None:
+        raise UsageError("the attack checks need a norm")
     norm = Norm.parse(norm)
-    clean = correct(_logits(model, x), y.cpu())
-    robust = clean.clone()
+    positive = sorted(float(r) for r in (radii or []) if r > 0)
+    mid = positive[len(positive) // 2] if positive else None
+    common = {"version": SANITY_VERSION, "n": n, "seed": seed, "norm": norm.value}
+    hidden = any(str(a).strip().lower() in HIDDEN_BLACK_BOX for a in (attacks or []))
+    if result is not None and result.n == int(x.shape[0]):
+        res = result
+        sub = sanity_subset(res, n, seed)
+        common["suite"] = suite_digest(res)
+        large = 1.0 if norm is Norm.LINF else float(x[0].numel()) ** 0.5
+        checks.append(SanityCheck("large radius", {**common, "eps": large, "attack": "pgd-20", "max_accuracy": 0.05},
+                                  lambda report: large_radius_from_suite(model, x, y, res, sub, norm, name=name, seed=seed,
+                                                                         report=report) if sub.numel() else []))
+        if mid is not None:
+            checks.append(SanityCheck("more steps", {**common, "eps": mid, "steps": 20, "factor": 10, "tol": 0.03},
+                                      lambda report: more_steps_from_suite(model, x, y, res, sub, norm, mid, name=name,
+                                                                           seed=seed, report=report) if sub.numel() else []))
+        if len(positive) > 1:
+            checks.append(SanityCheck("monotonicity", {**common, "radii": positive, "attack": "pgd-20"},
+                                      lambda report: monotonicity_on_subset(model, x, y, sub, norm, positive, name=name,
+                                                                            seed=seed, report=report) if sub.numel() else []))
+        if hidden and mid is not None:
+            checks.append(SanityCheck("black box", {**common, "eps": mid, "white": ["apgd-ce", "apgd-t"], "n_queries": 1000,
+                                                    "tol": 0.002},
+                                      lambda report: blackbox_from_suite(model, x, y, res, sub, norm, mid, name=name,
+                                                                         seed=seed, report=report) if sub.numel() else []))
+        return checks
 
-    def broken(spec: str, rows: torch.Tensor, **kw: Any) -> torch.Tensor:
-        r = rows.to(x.device)
-        out = make_attack(spec, norm, eps, seed=seed, **kw).run(model, x[r], y[r])
-        return (verify_adversarial(model, x[r], out.x_adv, y[r], norm, eps) & out.success).cpu()
+    # without a suite result: the stand-alone checks on a subset of clean-correct samples
+    memo: dict[str, torch.Tensor] = {}
 
-    for spec in white:
-        rows = robust.nonzero().flatten()
-        if rows.numel():
-            robust[rows[broken(spec, rows)]] = False
-    rows = robust.nonzero().flatten()
-    if not rows.numel():
-        return []
-    k = int(broken("square", rows, n_queries=n_queries).sum())
-    frac = k / max(1, x.shape[0])
-    if frac > tol:
-        return [SanityFlag(
-            "blackbox-beats-whitebox",
-            f"square ({n_queries} queries) broke {k} of {x.shape[0]} samples ({frac:.2%}) at radius {format_radius(eps)} "
-            f"that the white-box attacks ({', '.join(white)}) missed",
-            "gradient masking: the gradients mislead the white-box attacks; the robust accuracy is "
-            "overestimated, use stronger / adaptive attacks", name, frac)]
-    return []
+    def subset() -> tuple[torch.Tensor, torch.Tensor]:
+        if "s" not in memo:
+            memo["s"] = _clean_subset(model, x, y, n, seed)
+        s = memo["s"]
+        return x[s.to(x.device)], y[s.to(y.device)]
 
+    def attack_check(check: str, fn: Callable[[torch.Tensor, torch.Tensor], list[SanityFlag]]) -> SanityCheck:
+        def run(report: Report) -> list[SanityFlag]:
+            xs, ys = subset()
+            return _standalone(report, check, int(xs.shape[0]), lambda: fn(xs, ys)) if xs.shape[0] else []
+        return SanityCheck(check, dict(common), run)
 
-def _robust_accuracy(model, x, y, spec, norm, eps, seed) -> float:
-    from robkd.attacks import make_attack, verify_adversarial
-
-    out = make_attack(spec, norm, eps, seed=seed).run(model, x, y)
-    ok = verify_adversarial(model, x, out.x_adv, y, norm, eps) & out.success
-    with torch.no_grad():
-        clean = correct(_logits(model, x), y.cpu())
-    return float((clean & ~ok.cpu()).float().mean())
-
-
-def check_large_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "Norm | str", *,
-                       eps: float | None = None, attack: str = "pgd-20", max_accuracy: float = 0.05,
-                       name: str | None = None, seed: int = 0) -> list[SanityFlag]:
-    """Flag ``large-radius-not-broken``: at a radius whose ball covers the whole [0,1] box, accuracy must be ~0.
-
-    Default radius: 1.0 for Linf, ``sqrt(d)`` for L2 (both contain every image).
-    """
-    norm = Norm.parse(norm)
-    if eps is None:
-        eps = 1.0 if norm is Norm.LINF else math.sqrt(x[0].numel())
-    acc = _robust_accuracy(model, x, y, attack, norm, eps, seed)
-    if acc > max_accuracy:
-        return [SanityFlag(
-            "large-radius-not-broken",
-            f"{attack} leaves {acc:.2%} robust accuracy at {norm.value} radius {eps:g}, where every image is reachable",
-            "the attack does not work on this model (gradient masking, or an unsuitable evaluation / loss); "
-            "the reported robust accuracies are not trustworthy", name, acc)]
-    return []
-
-
-def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "Norm | str", eps: float, *,
-                     steps: int = 20, factor: int = 10, tol: float = 0.03, name: str | None = None,
-                     seed: int = 0) -> list[SanityFlag]:
-    """Flag ``more-steps-help`` when PGD with ``factor``x more steps lowers accuracy by more than ``tol``."""
-    a = _robust_accuracy(model, x, y, f"pgd-{steps}", norm, eps, seed)
-    b = _robust_accuracy(model, x, y, f"pgd-{steps * factor}", norm, eps, seed)
-    if a - b > tol:
-        return [SanityFlag(
-            "more-steps-help",
-            f"pgd-{steps * factor} lowers robust accuracy from {a:.2%} (pgd-{steps}) to {b:.2%} "
-            f"at {format_radius(eps)}",
-            "the attack has not converged: use more steps / restarts or AutoAttack before trusting the figure",
-            name, a - b)]
-    return []
-
-
-def check_radius_monotonicity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "Norm | str",
-                              radii: Sequence[float], *, attack: str = "pgd-20", name: str | None = None,
-                              seed: int = 0) -> list[SanityFlag]:
-    """Run ``attack`` independently at each radius (no inheritance between radii) and check monotonicity.
-
-    (A :class:`~robkd.attacks.Suite` result is monotone by construction; this
-    checks the attack itself.)
-    """
-    accs = [_robust_accuracy(model, x, y, attack, norm, r, seed) for r in radii]
-    return check_monotone(accs, list(radii), name=name)
+    checks.append(attack_check("large radius", lambda xs, ys: check_large_radius(model, xs, ys, norm, name=name, seed=seed)))
+    if mid is not None:
+        checks.append(attack_check("more steps", lambda xs, ys: check_more_steps(model, xs, ys, norm, mid, name=name,
+                                                                                 seed=seed)))
+        if len(positive) > 1:
+            checks.append(attack_check("monotonicity", lambda xs, ys: check_radius_monotonicity(
+                model, xs, ys, norm, positive, name=name, seed=seed)))
+        if hidden:
+            checks.append(attack_check("black box", lambda xs, ys: check_blackbox_subset(model, xs, ys, norm, mid,
+                                                                                         name=name, seed=seed)))
+    return checks
 
 
 def run_sanity_checks(
@@ -296,44 +242,19 @@ def run_sanity_checks(
     n: int = 64,
     seed: int = 0,
     attacks: Sequence[str] | None = None,
+    num_classes: int | None = None,
 ) -> list[SanityFlag]:
     """Run every applicable check; returns the flags (empty list: nothing suspicious).
 
-    With ``model, x, y``: the pre-checks; with ``result`` (a SuiteResult): the
-    result checks; with ``extra=True`` and a model: the checks that run extra
-    attacks on ``n`` clean-correct samples (large radius, 10x more PGD steps at
-    the middle radius, per-radius monotonicity; and, when the suite's ``attacks``
-    include ``autoattack``/``autoattack-plus``, Square against APGD-CE/APGD-T at
-    the middle radius). ``norm``/``radii`` default to the result's.
+    With ``model, x, y``: the cheap checks on ``n`` samples; with ``result`` (a SuiteResult): the result
+    checks, and the near-chance clean-accuracy check when the number of classes is known
+    (``num_classes``, else read from the model); with ``extra=True`` and a model: the checks that run extra
+    attacks on ``n`` clean-correct samples (large radius, 10x more PGD steps at the middle radius,
+    per-radius monotonicity; and, when the suite's ``attacks`` include ``autoattack``/``autoattack-plus``,
+    Square against APGD-CE/APGD-T at the middle radius), started from ``result``'s per-sample outcomes
+    when it covers the samples ``x``. ``norm``/``radii`` default to the result's.
     """
-    if model is None and result is None:
-        raise UsageError("run_sanity_checks needs a model (with x, y) or a suite result")
-    flags: list[SanityFlag] = []
-    if result is not None:
-        flags += check_result(result, name=name)
-        norm = norm if norm is not None else result.norm
-        radii = radii if radii is not None else result.radii
-    if model is not None:
-        if x is None or y is None:
-            raise UsageError("model checks need x and y")
-        flags += pre_checks(model, x, y, name=name, n=n, seed=seed)
-        if extra:
-            if norm is None:
-                raise UsageError("the attack checks need a norm")
-            norm = Norm.parse(norm)
-            xs, ys = _subset(x, y, None, seed)
-            ok = correct(_logits(model, xs), ys.cpu())
-            xs, ys = xs[ok.to(xs.device)], ys[ok.to(ys.device)]
-            xs, ys = _subset(xs, ys, n, seed)
-            if xs.shape[0] == 0:
-                return flags
-            flags += check_large_radius(model, xs, ys, norm, name=name, seed=seed)
-            positive = sorted(r for r in (radii or []) if r > 0)
-            if positive:
-                flags += check_more_steps(model, xs, ys, norm, positive[len(positive) // 2], name=name, seed=seed)
-                if len(positive) > 1:
-                    flags += check_radius_monotonicity(model, xs, ys, norm, positive, name=name, seed=seed)
-                if any(str(a).strip().lower() in HIDDEN_BLACK_BOX for a in (attacks or [])):
-                    flags += check_blackbox_subset(model, xs, ys, norm, positive[len(positive) // 2], name=name,
-                                                   seed=seed)
-    return flags
+    checks = plan_checks(model, x, y, result=result, norm=norm, radii=radii, name=name, extra=extra, n=n, seed=seed,
+                         attacks=attacks, num_classes=num_classes)
+    return [f for c in checks for f in c.run(no_report)]
+

@@ -1,7 +1,8 @@
 """The audit: a teacher/student pair under an attack suite over radii, with confidence
 intervals, transfer figures, optional certification and Proposition-2 terms, and gates.
 
-Modules: ``api`` (:func:`audit`, :func:`run_audit`), ``config`` (:class:`AuditConfig`), ``plan`` (the
+Modules: ``api`` (:func:`audit`, :func:`run_audit`), ``evaluation`` (:func:`evaluate`: one model, RobustBench
+style), ``config`` (:class:`AuditConfig`), ``plan`` (the
 immutable plan: models, data, radii, gates, checked before any output), ``stages`` (clean predictions,
 attacks, certification, Proposition 2, sanity checks), ``aggregate`` (the results records), ``store``
 (the output directory and resume state), ``result`` (:class:`AuditResult`), ``gates`` (the gate
@@ -18,6 +19,8 @@ from typing import Any
 _API = {
     "audit": "robkd.auditing.api",
     "run_audit": "robkd.auditing.api",
+    "evaluate": "robkd.auditing.evaluation",
+    "EvaluationResult": "robkd.auditing.evaluation",
     "AuditConfig": "robkd.auditing.config",
     "read_spec": "robkd.auditing.config",
     "AuditResult": "robkd.auditing.result",

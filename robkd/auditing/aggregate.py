@@ -16,6 +16,7 @@ from robkd.auditing.plan import ROLES, AuditPlan
 from robkd.auditing.result import SCHEMA_VERSION
 from robkd.auditing.stages import CertificationUnsupported, ModelOutcome, NonFiniteCounts, Prop2Outcome
 from robkd.auditing.stats import CONFIDENCE, Proportion, ratio_interval
+from robkd.auditing.verdict import default_verdict
 from robkd.types import format_radius
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ def _count(mask: torch.Tensor) -> int:
 def results(plan: AuditPlan, outcomes: Mapping[str, ModelOutcome], non_finite: Mapping[str, NonFiniteCounts],
             prop2: Prop2Outcome | None, flags: list[dict[str, Any]] | None, timings: dict[str, Any], *,
             command: Sequence[str] | None, distributed: dict[str, Any] | None) -> tuple[dict[str, Any], Tensors]:
-    """The results dict (gates not yet judged: ``gates`` empty, ``gates_passed`` true) and its tensors.
+    """The results dict (gates not yet judged: ``gates`` empty, ``gates_passed`` true; the default verdict
+    judged) and its tensors.
 
     ``timings`` is stored as given (the caller adds ``total_s`` once the gates are judged); ``distributed``
     is the ``distributed`` record of a torchrun job (None: a single process)."""
@@ -81,12 +83,14 @@ def results(plan: AuditPlan, outcomes: Mapping[str, ModelOutcome], non_finite: M
                    "flags": flags or []},
         "gates": [],
         "gates_passed": True,
+        "default_verdict": None,
         "environment": environment(),
         "resumed": resumed,
         "timings": timings,
     }
     if distributed is not None:
         data["distributed"] = distributed
+    data["default_verdict"] = default_verdict(data, tensors, on=cfg.gate_on, seed=cfg.seed, enforced=cfg.enforce_default_verdict)
     return data, tensors
 
 
@@ -125,14 +129,47 @@ def model_block(plan: AuditPlan, outcome: ModelOutcome) -> tuple[dict[str, Any],
         tensors[f"{role}.robust_after.{a}"] = robust_after[a].cpu().bool()
     tensors[f"{role}.x_adv"] = sres.x_adv.detach().cpu().float()
     tensors[f"{role}.adv_radius"] = sres.adv_radius.detach().cpu().double()
+    tensors[f"{role}.adv_pred"] = adversarial_predictions(plan, outcome)
     block = {
         "model": dict(plan.model_info[role]),
         "clean": Proportion.of(_count(clean_correct), n).to_dict(),
         "per_radius": per_radius,
+        "per_class": per_class(y, clean_correct, robust),
         "rejected_adversarials": dict(sres.rejected),
         "certification": None,
     }
     return block, tensors
+
+
+def per_class(y: torch.Tensor, clean_correct: torch.Tensor, robust: torch.Tensor) -> dict[str, Any]:
+    """The ``<role>.per_class`` record: for each label present among the audited samples (ascending,
+    ``classes``), its sample count ``n``, clean-correct count and robust count per radius (``robust[i][c]``)."""
+    y = y.cpu().long()
+    classes = torch.unique(y)
+    member = y[None, :] == classes[:, None]  # (C, N)
+
+    def counts(mask: torch.Tensor) -> list[int]:
+        return [int(v) for v in (member & mask.cpu().bool()[None, :]).sum(dim=1).tolist()]
+
+    return {"classes": [int(c) for c in classes.tolist()], "n": [int(v) for v in member.sum(dim=1).tolist()],
+            "clean_correct": counts(clean_correct), "robust": [counts(robust[i]) for i in range(robust.shape[0])]}
+
+
+def adversarial_predictions(plan: AuditPlan, outcome: ModelOutcome) -> torch.Tensor:
+    """``(N,)`` int64: the model's prediction on its kept ``x_adv`` (the clean prediction where no attack broke
+    the sample, so only the broken samples are run again; ``NON_FINITE`` for non-finite logits)."""
+    from robkd.utils.logits import predict
+
+    sres = outcome.suite
+    pred = outcome.clean_pred.cpu().long().clone()
+    rows = torch.isfinite(sres.adv_radius.cpu().double()).nonzero().flatten()
+    if rows.numel():
+        model, bs = plan.models[outcome.role], plan.cfg.batch_size
+        with torch.no_grad():
+            for s in range(0, rows.numel(), bs):
+                idx = rows[s : s + bs]
+                pred[idx] = predict(model(sres.x_adv[idx].to(plan.device, plan.x.dtype))).cpu().long()
+    return pred
 
 
 def certification_block(plan: AuditPlan, outcome: ModelOutcome, robust: torch.Tensor,

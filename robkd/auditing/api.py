@@ -38,7 +38,7 @@ def audit(
     teacher: "str | Path | nn.Module",
     student: "str | Path | nn.Module",
     *,
-    data: str | None = None,
+    data: Any = None,
     data_dir: str | None = None,
     n: int | None = None,
     seed: int | None = None,
@@ -54,7 +54,13 @@ def audit(
 ) -> AuditResult:
     """Audit a teacher/student pair on identical samples; returns an :class:`AuditResult`.
 
-    ``teacher``/``student`` are model files or loaded models. A setting left None takes its
+    ``teacher``/``student`` are model files or loaded models (a plain ``nn.Module`` given with ``mean``/``std``
+    is wrapped with that normalisation, as a model file without one would be; a robkd model whose metadata
+    already says otherwise is refused). ``data`` is a dataset name or file, or in-memory data: ``(x, y)``
+    tensors or arrays (images in [0,1] or uint8, ``(N, C, H, W)``; integer labels ``(N,)``), a
+    ``torch.utils.data.Dataset`` of ``(image, label)`` pairs or a ``DataLoader`` (read as
+    :func:`robkd.data.from_memory` describes: the same seeded subset of ``n`` samples as a file gives;
+    ``results.json`` names the samples by their content hash). A setting left None takes its
     :class:`AuditConfig` default (``data`` fashion-mnist, ``n`` 1000, ``seed`` 0, ``norm`` Linf,
     ``attacks`` pgd-20, no gates); ``eps`` defaults to the dataset's usual radius. Further keywords: any
     :class:`AuditConfig` field (``split``, ``batch_size``, ``device``, ``gate_on``, ``strict``,
@@ -63,7 +69,12 @@ def audit(
     in ``out_dir``), ``on_event`` (progress callback) and ``command`` (the command line to record). With
     ``out_dir`` the results are written there.
     """
+    from robkd.data import IN_MEMORY, is_in_memory
+
     runtime = {k: kw.pop(k) for k in ("overwrite", "on_event", "command") if k in kw}
+    memory = data if is_in_memory(data) else None
+    if memory is not None:
+        data = IN_MEMORY
     values: dict[str, Any] = dict(
         data=data, data_dir=data_dir, n=n, seed=seed, eps=eps, norm=norm,
         attacks=[attacks] if isinstance(attacks, str) else (list(attacks) if attacks is not None else None),
@@ -71,6 +82,7 @@ def audit(
         out=str(out_dir) if out_dir is not None else None,
     )
     values.update(kw)
+    values = {k: plain_setting(k, v) for k, v in values.items()}
     for role, obj in (("teacher", teacher), ("student", student)):
         if isinstance(obj, (str, Path)):
             values[role] = str(obj)
@@ -79,9 +91,27 @@ def audit(
         cfg,
         teacher=None if isinstance(teacher, (str, Path)) else teacher,
         student=None if isinstance(student, (str, Path)) else student,
+        data=memory,
         resume=resume,
         **runtime,
     )
+
+
+def plain_setting(name: str, value: Any) -> Any:
+    """A setting given as a tensor or array as plain numbers (``.tolist()``), so the config's checks see
+    numbers and no error message ever shows a tensor; a large one is refused in one line."""
+    if hasattr(value, "tolist") and hasattr(value, "shape") and not isinstance(value, (str, bytes)):
+        shape = [int(v) for v in value.shape]
+        count = 1
+        for v in shape:
+            count *= v
+        if count > 64:
+            raise UsageError(f"{name} must be a number, a string or a short list, got a {type(value).__name__} of "
+                             f"shape {shape}")
+        return value.tolist()
+    if isinstance(value, (list, tuple)) and any(hasattr(v, "tolist") and hasattr(v, "shape") for v in value):
+        return [plain_setting(name, v) for v in value]
+    return value
 
 
 def run_audit(
@@ -89,12 +119,14 @@ def run_audit(
     *,
     teacher: nn.Module | None = None,
     student: nn.Module | None = None,
+    data: Any = None,
     resume: bool = False,
     overwrite: bool = False,
     on_event: EventFn | None = None,
     command: Sequence[str] | None = None,
 ) -> AuditResult:
-    """Run the audit described by ``cfg`` (models given here override ``cfg.teacher/student``); ``cfg``
+    """Run the audit described by ``cfg`` (models given here override ``cfg.teacher/student``, in-memory ``data``
+    overrides ``cfg.data``); ``cfg``
     itself is left as it is (the resolved settings are the plan's, recorded in ``results.json``).
 
     Started by ``torchrun`` (``WORLD_SIZE`` > 1), every rank attacks a contiguous
@@ -111,7 +143,7 @@ def run_audit(
     if out is not None:  # cheap output checks before any model or data is loaded
         check_out_dir(out, resume=resume, overwrite=overwrite)
     ctx = init_from_env(cfg.device)
-    plan = make_plan(cfg, teacher, student, ctx)
+    plan = make_plan(cfg, teacher, student, ctx, data=data)
     if ctx.distributed:
         check_same(plan.fingerprint, "the models, data and settings", ctx)
         if plan.n < ctx.world_size:
@@ -171,6 +203,7 @@ def _finish(plan: AuditPlan, outcomes: dict[str, ModelOutcome], timings: dict[st
             distributed: dict[str, Any] | None) -> AuditResult:
     """Whole-set analyses, aggregation, the gates and (with ``out``) the results files."""
     cfg = plan.cfg
+    event("checkpoint", {"model": "both", "stage": "attacks"})  # every per-model stage is saved: --time-limit may stop here
     non_finite = {role: stages.count_non_finite(plan, outcomes[role]) for role in ROLES}
     prop2 = None
     if cfg.llm:
@@ -178,7 +211,9 @@ def _finish(plan: AuditPlan, outcomes: dict[str, ModelOutcome], timings: dict[st
         prop2 = stages.prop2(plan, state, event)  # whole set, on rank 0 (not sharded: see docs/distributed.md)
         timings["llm_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    flags = stages.sanity(plan, {role: outcomes[role].suite for role in ROLES})
+    event("start", {"stage": "sanity checks (teacher and student)"})
+    flags = stages.sanity(plan, {role: outcomes[role].suite for role in ROLES}, state, event)
+    event("done", {})
     timings["sanity_s"] = time.perf_counter() - t0
     flags = flags + stages.non_finite_flags(non_finite)
     data, tensors = aggregate.results(plan, outcomes, non_finite, prop2, flags, timings, command=command,

@@ -37,13 +37,14 @@ class AuditConfig:
     device: str = "cpu"
     gates: list[str] = dataclasses.field(default_factory=list)
     gate_on: str = "lower"
+    enforce_default_verdict: bool = False  # the default transfer verdict (kept >= 90% at the largest radius) fails the audit
     certify: str | None = None
     linear_region_radius: bool = False  # with certify: per-sample largest radius inside one linear region
     llm: bool = False
     llm_steps: int = 20
     llm_restarts: int = 1  # random restarts of the local-linearity (and Prop-2 LHS) ascents
     strict: bool = False
-    sanity_n: int = 64  # samples of the attack-based sanity checks (0: only the cheap checks)
+    sanity_n: int = 40  # samples of the attack-based sanity checks (0: only the cheap checks; see --sanity-n)
     out: str | None = None
     # model loading (for files that do not describe themselves)
     arch: str | None = None
@@ -64,12 +65,18 @@ class AuditConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_spec(cls, path: str | Path | None = None, **overrides: Any) -> "AuditConfig":
-        """Defaults, then the TOML spec file (if any), then ``overrides`` whose value is not None."""
+    def from_spec(cls, path: str | Path | None = None, *, preset: str | None = None, **overrides: Any) -> "AuditConfig":
+        """Defaults, then the named ``preset`` (:mod:`robkd.auditing.presets`, for the dataset and norm the spec
+        or overrides choose), then the TOML spec file (if any), then ``overrides`` whose value is not None."""
         values: dict[str, Any] = {}
         if path is not None:
             values.update(read_spec(path))
         values.update(_normalise_keys({k: v for k, v in overrides.items() if v is not None}, "override"))
+        if preset is not None:
+            from robkd.auditing.presets import preset_values
+
+            data, norm = values.get("data") or cls.data, values.get("norm") or cls.norm
+            values = {**preset_values(preset, data=str(data), norm=str(norm)), **values}
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -114,7 +121,7 @@ class AuditConfig:
             self.certify = str(self.certify).lower()
             if self.certify not in CERTIFY_METHODS:
                 raise UsageError(f"unknown certify method {self.certify!r}: use one of {', '.join(CERTIFY_METHODS)}")
-        for name in ("llm", "strict", "allow_pickle", "download", "linear_region_radius"):
+        for name in ("llm", "strict", "allow_pickle", "download", "linear_region_radius", "enforce_default_verdict"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.linear_region_radius and self.certify is None:
@@ -164,13 +171,44 @@ class AuditConfig:
         return dataclasses.asdict(self)
 
 
+#: prefix naming a spec bundled with robkd (``robkd:demo``); a bare name without a path works too (``demo``)
+BUNDLED_PREFIX = "robkd:"
+
+
+def bundled_specs() -> dict[str, Any]:
+    """The audit specs shipped inside the package (``robkd/audits/*.toml``, copies of the repository's
+    ``audits/``): name (file stem) -> resource path."""
+    from importlib.resources import files
+
+    folder = files("robkd") / "audits"
+    if not folder.is_dir():
+        return {}
+    return {Path(e.name).stem: e for e in sorted(folder.iterdir(), key=lambda e: e.name) if e.name.endswith(".toml")}
+
+
+def resolve_spec(path: str | Path) -> Any:
+    """The spec file ``path`` names: an existing file, else a bundled spec named ``robkd:NAME``, ``NAME`` or
+    ``NAME.toml`` (no folder part); raises :class:`UsageError` listing the bundled names otherwise."""
+    text = str(path)
+    p = Path(text)
+    if p.is_file():
+        return p
+    name = text[len(BUNDLED_PREFIX):] if text.startswith(BUNDLED_PREFIX) else text
+    bundled = bundled_specs()
+    if "/" not in name and "\\" not in name:
+        stem = name[:-5] if name.endswith(".toml") else name
+        if stem in bundled:
+            return bundled[stem]
+    names = ", ".join(bundled) or "none"
+    raise UsageError(f"audit spec not found: {p} (bundled specs, usable as --spec NAME: {names})")
+
+
 def read_spec(path: str | Path) -> dict[str, Any]:
-    """Read an audit spec (TOML, flat keys) and check its keys; raises :class:`UsageError`."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"audit spec not found: {p}")
+    """Read an audit spec (TOML, flat keys; a file or a bundled name, :func:`resolve_spec`) and check its
+    keys; raises :class:`UsageError`."""
+    p = resolve_spec(path)
     try:
-        with open(p, "rb") as fh:
+        with p.open("rb") as fh:
             raw = tomllib.load(fh)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"audit spec {p} is not valid TOML: {exc}") from exc

@@ -386,6 +386,9 @@ class GateResult:
     references: dict[str, Interval | None] = dataclasses.field(default_factory=dict)
     method: str = "interval"  # interval | paired-bootstrap | point
     holds_fraction: float | None = None
+    short_by: float | None = None  # how far the point estimates miss the gate (None: they meet it)
+    bound_short_by: float | None = None  # how far the 95% bounds miss it (None: passed, or judged on points)
+    samples_needed: int | None = None  # about how many samples would decide a gate the bounds alone fail
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -395,6 +398,9 @@ class GateResult:
             "method": self.method,
             "holds_fraction": self.holds_fraction,
             "reason": self.reason,
+            "short_by": None if self.short_by is None else _finite(self.short_by),
+            "bound_short_by": None if self.bound_short_by is None else _finite(self.bound_short_by),
+            "samples_needed": self.samples_needed,
             "lhs": self.lhs.to_dict() if self.lhs else None,
             "rhs": self.rhs.to_dict() if self.rhs else None,
             "compared": [_finite(v) for v in self.compared] if self.compared else None,

@@ -1,8 +1,7 @@
-"""Terminal rendering of an audit (rich tables) and the progress display; no computation here."""
+"""Terminal rendering of an audit (rich tables; the progress display is robkd.auditing.events); no computation here."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 
@@ -58,12 +57,14 @@ def summary_tables(data: dict[str, Any]) -> list[Any]:
     out.append(t)
 
     tr = Table(title="transfer (student vs teacher, worst case)", title_justify="left")
-    for col in ("radius", "ratio s/t [95%]", "lost (t robust, s broken)", "gained (s robust, t broken)"):
+    for col in ("radius", "ratio s/t [95%]", "lost (teacher robust, student broken)", "gained (student robust, teacher broken)"):
         tr.add_column(col, justify="right")
-    for e in data["transfer"]:
-        lost = e["lost"]
-        of = f" = {100 * lost['of_teacher_robust']:.1f}% of t-robust" if lost.get("of_teacher_robust") is not None else ""
-        tr.add_row(_t(e["radius_text"]), _ratio(e["ratio"]), f"{lost['k']}{of}", str(e["gained"]["k"]))
+    from robkd.report.format import lost_text
+    from robkd.report.schema import Results
+
+    for e, row in zip(data["transfer"], Results(data).transfer):
+        tr.add_row(_t(e["radius_text"]), _ratio(e["ratio"]), lost_text(row.lost, row.lost_of_teacher_robust),
+                   _samples(e["gained"], "of_student_robust", "student"))
     out.append(tr)
 
     if data.get("prop2"):
@@ -85,16 +86,95 @@ def summary_tables(data: dict[str, Any]) -> list[Any]:
             tf.add_row(*(_t(f.get(k)) for k in ("model", "code", "message", "suggestion")))
         out.append(tf)
 
-    if data.get("gates"):
-        tg = Table(title=f"gates (judged on {'95% confidence bounds' if data['config']['gate_on'] == 'lower' else 'point estimates'})",
-                   title_justify="left")
-        tg.add_column("gate")
-        tg.add_column("result")
-        tg.add_column("why")
-        for g in data["gates"]:
-            tg.add_row(_t(g["gate"]), "[green]PASS[/green]" if g["passed"] else "[red]FAIL[/red]", _t(g["reason"]))
+    tg = gate_table(data)
+    if tg is not None:
         out.append(tg)
     return out
+
+
+def gate_table(data: dict[str, Any]) -> Any:
+    """The gates and the default transfer verdict as a rich table (None when there is neither)."""
+    from rich.table import Table
+
+    from robkd.report.schema import Results
+
+    res = Results(data)
+    rows = [(_t(g.text), "[green]PASS[/green]" if g.passed else "[red]FAIL[/red]", _t(g.reason)) for g in res.gates]
+    dv = res.default_verdict
+    if dv is not None and dv.gate is not None:
+        word = ("[green]PASS[/green]" if dv.passed else "[red]FAIL[/red]") if dv.enforced else \
+            ("advisory: pass" if dv.passed else "[yellow]advisory: fail[/yellow]")
+        rows.append((_t(dv.expr) + (" (default verdict)" if dv.enforced else " (default verdict, not enforced)"), word,
+                     _t(dv.gate.reason)))
+    if not rows:
+        return None
+    on = res.section("config").get("gate_on")
+    tg = Table(title=f"gates (judged on {'point estimates' if on == 'point' else '95% confidence bounds'})", title_justify="left")
+    for col in ("gate", "result", "why"):
+        tg.add_column(col)
+    for row in rows:
+        tg.add_row(*row)
+    return tg
+
+
+def closing_line(data: dict[str, Any]) -> str:
+    """The one line that ends the terminal output: the verdict on the gates (and the default verdict when
+    enforced), or without gates how much of the teacher's robustness the student kept (advisory)."""
+    from robkd.report.escape import esc_text
+    from robkd.report.schema import Results
+    from robkd.report.summary import default_verdict_text
+    from robkd.types import format_radius
+
+    res = Results(data)
+    dv = res.default_verdict
+    judged = list(res.gates) + ([dv.gate] if dv is not None and dv.enforced and dv.gate is not None else [])
+    strict = res.strict and any(not f.get("handled_by") for f in res.sanity_flags)
+    if judged:
+        failed = [g for g in judged if not g.passed]
+        plural = "s" if len(judged) != 1 else ""
+        if not failed:
+            line = f"Verdict: PASS ({len(judged)}/{len(judged)} gate{plural})"
+        else:
+            first = failed[0]
+            more = f"; {len(failed) - 1} more of {len(judged)} gate{plural} failed" if len(failed) > 1 else ""
+            line = f"Verdict: FAIL: {first.text}{_shortfall_note(first)}{more}"
+    elif dv is not None:
+        line = f"No gate set; {default_verdict_text(dv)}"
+    else:  # results written before the default verdict existed
+        transfer, radii = res.transfer, res.radii
+        ratio = transfer[-1].ratio if transfer and len(transfer) == len(radii) else None
+        line = "No gate set"
+        if ratio is not None and ratio.value is not None:
+            line += f"; the student kept {100 * ratio.value:.0f}% of the teacher's robustness at {format_radius(radii[-1])}"
+    if strict:
+        line = "Verdict: FAIL: the evaluation was flagged under --strict (exit 3); " + line
+    return esc_text(line, keep="")
+
+
+def _shortfall_note(g: Any) -> str:
+    """`` (short by 0.08)`` for a failed gate (from its recorded shortfall, else its reason)."""
+    if g.short_by is not None:
+        return f" (short by {g.short_by:.3g})"
+    if g.bound_short_by is not None:
+        note = f" (short by {g.bound_short_by:.3g} at the 95% bound"
+        return note + (f"; about {g.samples_needed} samples would decide it)" if g.samples_needed else ")")
+    reason = g.reason
+    for prefix in ("FAIL: ", "fail: "):
+        if reason.startswith(prefix):
+            reason = reason[len(prefix):]
+    return f" ({reason[:157] + '...' if len(reason) > 160 else reason})" if reason else ""
+
+
+def _samples(entry: dict[str, Any], of_key: str, role: str) -> str:
+    """``12 samples (2.4% of all, 4.6% of the student-robust)``: the wording of the lost samples
+    (:func:`robkd.report.format.lost_text`) for the gained ones."""
+    k = entry.get("k")
+    parts = []
+    if entry.get("value") is not None:
+        parts.append(f"{100 * entry['value']:.1f}% of all")
+    if entry.get(of_key) is not None:
+        parts.append(f"{100 * entry[of_key]:.1f}% of the {role}-robust")
+    return f"{k} sample{'' if k == 1 else 's'}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _cert(block: dict[str, Any] | None, i: int) -> str:
@@ -109,47 +189,3 @@ def _cert(block: dict[str, Any] | None, i: int) -> str:
 def _mean(s: dict[str, Any], key: str) -> str:
     v = (s.get(key) or {}).get("mean")
     return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
-
-
-class ProgressDisplay:
-    """Turns audit events (``start``/``advance``/``done``) into rich progress bars with samples/s."""
-
-    def __init__(self, progress: Any) -> None:
-        self.progress = progress
-        self.task: Any = None
-        self.key: Any = None
-        self.t0 = 0.0
-        self.done = 0
-
-    def __call__(self, kind: str, info: dict[str, Any]) -> None:
-        from robkd.types import format_radius
-        from robkd.utils.progress import rate_text
-
-        if kind == "progress":
-            key = (info.get("model"), info.get("attack"), info.get("radius"))
-            if key != getattr(self, "key", None):
-                self.finish()
-                self.key = key
-                r = info.get("radius")
-                label = f"{info.get('model')}: {info.get('attack')}" + (f" @ {format_radius(r)}" if r is not None else "")
-                self.task = self.progress.add_task(label, total=max(int(info.get("total") or 0), 1), rate="")
-            self.progress.update(self.task, completed=int(info.get("done", 0)),
-                                 rate=rate_text(int(info.get("done", 0)), float(info.get("seconds", 0.0))))
-        elif kind == "start":
-            self.finish()
-            r = info.get("radius")
-            label = f"{info.get('model')}: {info.get('stage', '')}" + (f" @ {format_radius(r)}" if r is not None else "")
-            self.t0, self.done = time.perf_counter(), 0
-            self.task = self.progress.add_task(label, total=info.get("total") or None, rate="")
-        elif kind == "advance" and self.task is not None:
-            self.done += int(info.get("n", 0))
-            self.progress.update(self.task, advance=int(info.get("n", 0)),
-                                 rate=rate_text(self.done, time.perf_counter() - self.t0))
-        elif kind == "done":
-            self.finish()
-
-    def finish(self) -> None:
-        self.key = None
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-            self.task = None

@@ -78,11 +78,14 @@ class AuditResult:
 
     @property
     def exit_code(self) -> int:
-        """0 all gates pass; 1 a gate failed; 3 sanity flags under ``strict`` (takes precedence)."""
+        """0 all gates pass; 1 a gate failed (or the default verdict, when enforced); 3 sanity flags under
+        ``strict`` (takes precedence)."""
         res = self.results
         if res.section("config").get("strict") and any(not f.get("handled_by") for f in res.sanity_flags):
             return EXIT_SANITY
-        return EXIT_OK if self.gates_passed else EXIT_GATE_FAILED
+        dv = res.default_verdict
+        default_failed = dv is not None and dv.enforced and dv.passed is False
+        return EXIT_OK if self.gates_passed and not default_failed else EXIT_GATE_FAILED
 
     def metric(self, name: str | Ref) -> Interval | None:
         """A metric by reference, e.g. ``metric("student.worst@8/255")`` -> :class:`Interval` (None if undefined)."""

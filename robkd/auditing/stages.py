@@ -29,7 +29,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: progress events: ``on_event(kind, info)``; kinds: "start", "advance", "progress", "done"
+#: progress events: ``on_event(kind, info)`` (shown by robkd.auditing.events.EventDisplay). Every phase that
+#: takes more than a moment reports, with ``model`` (teacher, student, pair or both) and ``stage`` (a short
+#: name: "clean predictions", "certify crown", "prop2", "sanity: more steps", ...) and ``radius`` (a float,
+#: when the phase is per radius) in ``info``:
+#:   "start"      a phase begins; ``total`` (units, e.g. samples; None when unknown) - a start inside a
+#:                running phase nests;
+#:   "advance"    ``n`` more units of the innermost phase are done;
+#:   "done"       the innermost phase ended;
+#:   "progress"   absolute progress of one (attack, radius) of the suite: ``attack``, ``radius``, ``done``,
+#:                ``total``, ``seconds`` (no start/done: a new (model, attack, radius) opens a new task);
+#:   "checkpoint" the work so far is saved for --resume (``stage``): the only point where --time-limit
+#:                stops a run (robkd.auditing.events.TimeLimit raises there), so send it after every save.
 EventFn = Callable[[str, dict[str, Any]], None]
 
 
@@ -163,7 +174,9 @@ def run_model(plan: AuditPlan, role: str, x: torch.Tensor, y: torch.Tensor, samp
     the samples ``sample_ids`` of the audit."""
     model = plan.models[role]
     t0 = time.perf_counter()
-    clean_pred = predict_clean(model, x, plan.cfg.batch_size)
+    event("start", {"model": role, "stage": "clean predictions", "total": int(x.shape[0])})
+    clean_pred = predict_clean(model, x, plan.cfg.batch_size, on_batch=lambda m: event("advance", {"model": role, "n": m}))
+    event("done", {"model": role})
     clean_s = time.perf_counter() - t0
     prior = state.load_suite(role) if state is not None else None
     resumed = () if prior is None else tuple(prior.done)
@@ -181,12 +194,15 @@ def run_model(plan: AuditPlan, role: str, x: torch.Tensor, y: torch.Tensor, samp
     return ModelOutcome(role=role, clean_pred=clean_pred, suite=sres, certification=cert, timings=timings, resumed=resumed)
 
 
-def predict_clean(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Predicted classes on the CPU (``NON_FINITE`` for a row of non-finite logits)."""
+def predict_clean(model: nn.Module, x: torch.Tensor, batch_size: int,
+                  on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Predicted classes on the CPU (``NON_FINITE`` for a row of non-finite logits); ``on_batch(n)`` after each batch."""
     preds = []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
             preds.append(predict(model(x[s : s + batch_size])))
+            if on_batch is not None:
+                on_batch(int(preds[-1].shape[0]))
     return torch.cat(preds).cpu()
 
 
@@ -200,6 +216,7 @@ def run_suite(plan: AuditPlan, role: str, model: nn.Module, x: torch.Tensor, y: 
     def on_checkpoint(partial: SuiteResult) -> None:
         if state is not None:
             state.save_tensors(f"suite-{role}", partial.to_tensors())
+            event("checkpoint", {"model": role, "stage": "attacks"})
 
     res = plan.suite.run(model, x, y, list(plan.radii), state=prior, on_progress=on_progress, on_checkpoint=on_checkpoint,
                          sample_ids=sample_ids)
@@ -245,6 +262,7 @@ def certify_model(plan: AuditPlan, role: str, model: nn.Module, x: torch.Tensor,
                                  total_relus=total_relus if total_relus is not None else -1)
         if state is not None:
             state.save_tensors(name, rc.to_tensors())
+            event("checkpoint", {"model": role, "stage": f"certify {method}"})
         out.append(rc)
     if plan.cfg.linear_region_radius:
         radius = _linear_region_radius(plan, role, model, x, state, event)
@@ -271,6 +289,7 @@ def _linear_region_radius(plan: AuditPlan, role: str, model: nn.Module, x: torch
     radius = torch.cat(lr).float().cpu()
     if state is not None:
         state.save_tensors(name, {"radius": radius})
+        event("checkpoint", {"model": role, "stage": "linear-region radius"})
     return radius
 
 
@@ -354,6 +373,7 @@ def prop2(plan: AuditPlan, state: StateStore | None, event: EventFn) -> Prop2Out
             if state is not None:
                 state.save_tensors(name, saved_t)
                 state.save_json(name, saved_s)
+                event("checkpoint", {"model": "pair", "stage": "prop2"})
         for f in TENSOR_FIELDS:
             rows[f].append(saved_t[f])
         summaries.append(saved_s)
@@ -372,24 +392,53 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def sanity(plan: AuditPlan, suites: Mapping[str, SuiteResult]) -> list[dict[str, Any]]:
-    """Sanity flags of both models' evaluations (results records)."""
-    from robkd.analysis.sanity import run_sanity_checks
+def sanity(plan: AuditPlan, suites: Mapping[str, SuiteResult], state: StateStore | None = None,
+           event: EventFn | None = None) -> list[dict[str, Any]]:
+    """Sanity flags of both models' evaluations (results records). Each check of
+    :func:`robkd.analysis.sanity.plan_checks` that calls the model is saved as ``sanity-<role>-<check>.json``
+    with its key (its parameters, the suite's outcomes as a digest): a resume with the same key (e.g. one
+    that only adds a gate) reuses it, a changed setting recomputes it. Events: the check's own ("stage",
+    "check", "attack", "radius", "total"; "n") plus "model" and "phase" ("sanity <role> <check>"), and a
+    "checkpoint" after each save."""
+    from robkd.analysis.sanity import plan_checks
 
+    send: EventFn = event or (lambda kind, info: None)
     eot = _eot_covers(plan.cfg.attacks, plan.norm)
     flags = []
     for role in ROLES:
-        for f in run_sanity_checks(plan.models[role], plan.x, plan.y, result=suites[role], radii=list(plan.radii),
-                                   norm=plan.norm, name=role, seed=plan.cfg.seed, extra=plan.cfg.sanity_n > 0,
-                                   n=plan.cfg.sanity_n or 64,  # --sanity-n 0: the cheap checks keep 64 samples
-                                   attacks=plan.cfg.attacks):
-            d = f.to_dict()
-            if d.get("model") is None:
-                d["model"] = role
-            if d["code"] == "stochastic-outputs" and eot:
-                d["handled_by"] = "EOT: every gradient attack of the suite averages its gradients over random passes"
-            flags.append(d)
+        checks = plan_checks(plan.models[role], plan.x, plan.y, result=suites[role], radii=list(plan.radii),
+                             norm=plan.norm, name=role, seed=plan.cfg.seed, extra=plan.cfg.sanity_n > 0,
+                             n=plan.cfg.sanity_n or 64,  # --sanity-n 0: the cheap checks keep 64 samples
+                             attacks=plan.cfg.attacks, num_classes=int(plan.data_info["num_classes"]))
+        for check in checks:
+            for found in _sanity_unit(role, check, state, send):
+                d = dict(found)
+                if d.get("model") is None:
+                    d["model"] = role
+                if d["code"] == "stochastic-outputs" and eot:
+                    d["handled_by"] = "EOT: every gradient attack of the suite averages its gradients over random passes"
+                flags.append(d)
     return flags
+
+
+def _sanity_unit(role: str, check: Any, state: StateStore | None, event: EventFn) -> list[dict[str, Any]]:
+    """The flags (records) of one check of one model: saved ones when the key matches, else computed and saved."""
+    name = f"sanity-{role}-{check.name.replace(' ', '-')}"
+    key = _json_safe({"check": check.name, **check.params})
+    if check.saved and state is not None:
+        saved = state.load_json(name)
+        if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("flags"), list):
+            return saved["flags"]
+    phase = f"sanity {role} {check.name}"
+
+    def report(kind: str, info: dict[str, Any]) -> None:
+        event(kind, {"model": role, "phase": phase, **info})
+
+    found = _json_safe([f.to_dict() for f in check.run(report)])
+    if check.saved and state is not None:
+        state.save_json(name, {"key": key, "flags": found})
+        event("checkpoint", {"model": role, "stage": f"sanity: {check.name}"})
+    return found
 
 
 def _eot_covers(attacks: Sequence[str], norm: Norm) -> bool:

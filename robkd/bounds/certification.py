@@ -22,7 +22,7 @@ from robkd.bounds.graph import METHODS, BoundedModel
 from robkd.bounds.inputset import InputSet, concretize
 from robkd.bounds.regions import affine_margin, count_unstable, pieces_decided
 from robkd.errors import UsageError
-from robkd.types import Norm, format_radius
+from robkd.types import Norm
 from robkd.utils.logits import correct
 
 BACKENDS = ("robkd", "auto_lirpa")
@@ -40,7 +40,8 @@ class CertifyResult:
     decided exactly in a linear region, or a counterexample found at a point
     minimising CROWN's linear bound) / ``skipped`` (the caller's ``skip`` mask) /
     ``unknown``. ``decided_by``: the stage that decided each sample (``ibp``,
-    ``crown-ibp``, ``counterexample``, ``crown``, ``alpha-crown``).
+    ``crown-ibp``, ``counterexample``, ``crown``, ``alpha-crown``; ``misclassified`` / ``skipped`` for
+    samples no bound was needed for).
     """
 
     eps: float
@@ -58,6 +59,8 @@ class CertifyResult:
     seconds: float = 0.0
     skipped: torch.Tensor | None = None
     decided_by: list[str] = dataclasses.field(default_factory=list)
+    fallbacks: list[str] = dataclasses.field(default_factory=list)  # per sample: stages skipped (budget), "" if none
+    sample_seconds: list[float] = dataclasses.field(default_factory=list)  # per sample (budget), else empty
 
     @property
     def n(self) -> int:
@@ -65,52 +68,25 @@ class CertifyResult:
 
     @property
     def certified_accuracy(self) -> float:
-        return float(self.certified.float().mean()) if self.n else 0.0
+        """``k / n`` from the integer count (not a float32 mean)."""
+        return int(self.certified.sum()) / self.n if self.n else 0.0
 
     @property
     def linear_region_fraction(self) -> float:
-        return float(self.linear_region.float().mean()) if self.n else 0.0
+        return int(self.linear_region.sum()) / self.n if self.n else 0.0
 
     def summary(self) -> dict[str, Any]:
-        """Aggregate figures (JSON-ready)."""
-        return {
-            "eps": self.eps,
-            "eps_str": format_radius(self.eps),
-            "norm": self.norm.value,
-            "method": self.method,
-            "backend": self.backend,
-            "n": self.n,
-            "clean_accuracy": float(self.clean_correct.float().mean()) if self.n else 0.0,
-            "certified_accuracy": self.certified_accuracy,
-            "falsified": sum(s == "falsified" for s in self.status),
-            "unknown": sum(s == "unknown" for s in self.status),
-            "skipped": sum(s == "skipped" for s in self.status),
-            "linear_region_fraction": self.linear_region_fraction,
-            "mean_unstable_relus": float(self.unstable.float().mean()) if self.n else 0.0,
-            "total_relus": self.total_relus,
-            "seconds": self.seconds,
-        }
+        """Aggregate figures (JSON-ready): the result entry of :mod:`robkd.bounds.records` without per-sample lists."""
+        d = self.to_dict()
+        d.pop("per_sample")
+        return d
 
     def to_dict(self) -> dict[str, Any]:
-        """Summary plus per-sample lists."""
-        worst = self.margin_lb.min(dim=1).values if self.margin_lb.shape[1] else torch.zeros(self.n)
-        return {
-            **self.summary(),
-            "per_sample": {
-                "certified": self.certified.tolist(),
-                "clean_correct": self.clean_correct.tolist(),
-                "status": list(self.status),
-                "worst_margin_lb": [_finite(v) for v in worst.tolist()],
-                "margin_exact": self.exact.tolist(),
-                "unstable_relus": self.unstable.tolist(),
-                "linear_region": self.linear_region.tolist(),
-                "decided_by": list(self.decided_by),
-            },
-        }
+        """The ``certify.json`` result entry (docs/certify-schema.md): counts, exact fractions with intervals,
+        per-sample lists."""
+        from robkd.bounds.records import bound_entry
 
-
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
+        return bound_entry(self)
 
 
 @in_eval_mode
@@ -175,7 +151,7 @@ def certify(
     margins, unstable, linear, exact, falsified, decided = [], [], [], [], [], []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
-            xb, yb = x[s : s + batch_size].float(), y[s : s + batch_size]
+            xb, yb = x[s : s + batch_size].to(bm.dtype), y[s : s + batch_size]
             skip_b = skip[s : s + batch_size].to(xb.device)
             wanted = ~skip_b & (clean[s : s + batch_size] if early_exit else torch.ones_like(skip_b))
             lb, unst, lin, fals, how = _certify_batch(
@@ -210,8 +186,11 @@ def certify(
             status.append("certified")
         elif not bool(clean[i]) or bool(exact_t[i]) or bool(falsified_t[i]):
             status.append("falsified")
+            if not bool(clean[i]):
+                decided[i] = "misclassified"
         elif bool(skip[i]):
             status.append("skipped")
+            decided[i] = "skipped"
         else:
             status.append("unknown")
     return CertifyResult(
@@ -325,7 +304,7 @@ def _certify_batch(
     ``region_stats`` the unstable counts and linear-region flags of every sample come from the
     method's intermediate bounds (CROWN for crown/alpha-crown) whatever stage decided it."""
     B = x.shape[0]
-    C = margin_matrix(y, K)
+    C = margin_matrix(y, K).to(x.dtype)
     inputs = InputSet.around(x, eps, norm)
     nb_ibp = bm.intermediate_bounds(inputs, False)
     lb, _, _ = bm.bounds(x, eps, norm=norm, method="ibp", C=C, node_bounds=nb_ibp)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -23,13 +25,14 @@ def compute_bounds(
     intermediate: str = "crown",
     alpha_steps: int = 20,
     batch_size: int = 128,
+    on_batch: "Callable[[int], None] | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sound lower/upper bounds of ``C @ model(x')`` for every ``x'`` in the ball around ``x``.
 
     The ball is ``{x' : ||x' - x|| <= eps} & [0,1]^n`` (``eps`` a float or a
     per-sample tensor). ``C`` is ``(S, K)`` or ``(B, S, K)``; identity (plain
     logit bounds) when None. Returns ``(lb, ub)`` of shape ``(B, S)``. The model runs in eval mode
-    (restored afterwards).
+    (restored afterwards). ``on_batch(n)`` is called after each batch of ``n`` samples (progress).
     """
     norm = Norm.parse(norm)
     check_batch_size(batch_size)
@@ -46,6 +49,8 @@ def compute_bounds(
             )
             lbs.append(lb)
             ubs.append(ub)
+            if on_batch is not None:
+                on_batch(int(lb.shape[0]))
     return torch.cat(lbs), torch.cat(ubs)
 
 

@@ -56,6 +56,18 @@ class MilpOutcome:
     reason: str = ""
     seconds: float = 0.0
     unstable: int = 0
+    dual_margins: dict[int, float] = dataclasses.field(default_factory=dict)  # solver's proven lower bounds
+
+    def margin_lower_bounds(self) -> list[float]:
+        """Per class ``j != label`` (increasing ``j``): a sound lower bound of ``logit_label - logit_j`` over the
+        ball: the minimum where solved to optimality, else the larger of the CROWN bound and the solver's dual bound."""
+        out = []
+        for j in sorted(self.bound_margins):
+            if j in self.min_margins:  # the optimum, or the dual bound when the solver's gap leaves it lower
+                out.append(min(self.min_margins[j], self.dual_margins.get(j, float("inf"))))
+            else:
+                out.append(max(self.bound_margins[j], self.dual_margins.get(j, float("-inf"))))
+        return out
 
     @property
     def min_margin(self) -> float | None:
@@ -258,6 +270,8 @@ def verify_milp(
             status, best, dual, xs = enc.minimise(coef, left)
             if status == "optimal" and best is not None:
                 out.min_margins[j] = best
+            if dual is not None:
+                out.dual_margins[j] = dual
             if dual is not None and dual > 0:
                 continue  # class j verified exactly (or by the solver's dual bound)
             verified_all = False

@@ -73,7 +73,7 @@ def affine_map(
                 raise UsageError("the ball is not inside one linear region (some ReLU is unstable)")
         out_shape = bm.ops[bm.index[bm.output_name]].out_shape
         K = math.prod(out_shape)
-        spec = torch.eye(K, device=x.device).reshape((1, K) + out_shape)
+        spec = torch.eye(K, device=x.device, dtype=bm.dtype).reshape((1, K) + out_shape)
         A, bias = bm.backward(bm.output_name, spec, nb)
     B = x.shape[0]
     if A is None:
@@ -139,7 +139,7 @@ def linear_region_radius(
     out = []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
-            xb = x[s : s + batch_size].float()
+            xb = x[s : s + batch_size].to(bm.dtype)
             n = xb.shape[0]
             lo = torch.zeros(n, device=xb.device)
             up = torch.full((n,), float(hi), device=xb.device)

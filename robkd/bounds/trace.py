@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any
+import re
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -23,10 +24,31 @@ from robkd.errors import UnsupportedModelError, UsageError
 from robkd.utils.modules import model_device
 
 SUPPORTED_TEXT = (
-    "Linear, Conv2d, ReLU (module, F.relu, torch.relu, .relu()), BatchNorm (eval), Flatten/view/reshape, "
-    "AvgPool2d, AdaptiveAvgPool2d, residual add/sub, Identity/Dropout (eval), the Normalize wrapper, "
-    "+-*/ by constants; MaxPool2d under IBP only"
+    "Linear, Conv2d, ReLU, BatchNorm (eval), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten/view/reshape, "
+    "concatenation, residual add/sub, Identity/Dropout (eval), the Normalize wrapper, +-*/ by constants"
 )
+
+# what to do about an unsupported operator, by a word its name contains (lower case)
+_HINTS = {
+    "gelu": "replace GELU by ReLU", "silu": "replace SiLU by ReLU", "swish": "replace Swish by ReLU",
+    "sigmoid": "replace Sigmoid by ReLU", "tanh": "replace Tanh by ReLU", "elu": "replace ELU by ReLU",
+    "hardtanh": "replace Hardtanh/ReLU6 by ReLU", "softmax": "certify the logits (drop the final softmax)",
+    "layer_norm": "replace LayerNorm by BatchNorm", "group_norm": "replace GroupNorm by BatchNorm",
+    "batch": "export/certify in eval mode (BatchNorm with running statistics)",
+}
+
+
+def unsupported_message(bad: list[str], advice: str = "") -> str:
+    """One line naming the unsupported operators (deduplicated, locations dropped) and what would help."""
+    kinds: list[str] = []
+    for b in bad:
+        k = re.sub(r" at [^ ;()]+", "", b).replace(" (function)", "").replace(" (method)", "")
+        if k not in kinds:
+            kinds.append(k)
+    low = " ".join(kinds).lower()
+    tips = [t for w, t in _HINTS.items() if w in low]
+    tips.append(advice or f"supported: {SUPPORTED_TEXT}")
+    return f"does not support {', '.join(kinds)}; {'; '.join(dict.fromkeys(tips))}"
 
 
 @dataclasses.dataclass
@@ -42,6 +64,9 @@ class TracedGraph:
     output_name: str | None
     unsupported: list[str]
     no_backward: list[str]
+    dtype: torch.dtype = torch.float32  # the model's dtype: bounds are computed in it
+    front_end: str = "fx"  # "fx" (torch.fx on the nn.Module) or "export" (the torch.export ATen graph)
+    message: Callable[[list[str]], str] = unsupported_message  # the one-line report of unsupported operators
 
 
 class _Tracer(torch.fx.Tracer):
@@ -59,7 +84,7 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> TracedGraph:
+def trace_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> TracedGraph:
     """Trace ``model`` for per-sample inputs of ``input_shape`` into bound operators.
 
     Raises :class:`UnsupportedModelError` when ``torch.fx`` cannot trace the model and
@@ -77,7 +102,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> TracedGraph:
         ) from exc
     from torch.fx.passes.shape_prop import ShapeProp
 
-    example = torch.rand((2,) + input_shape, device=model_device(model))
+    example = torch.rand((2,) + input_shape, device=model_device(model), dtype=dtype)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example)
@@ -122,7 +147,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> TracedGraph:
         tensors[node.name] = shape[1:]
         try:
             op = _make_op(node, modules, tensors, consts, shape[1:])
-        except _Unsupported as exc:
+        except Unsupported as exc:
             unsupported.append(f"{desc}{': ' + str(exc) if str(exc) else ''}")
             continue
         if not op.supports_backward:
@@ -132,21 +157,21 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> TracedGraph:
         raise UsageError("the model takes no input tensor")
     if output_name is None:
         unsupported.append("no tensor output")
-    return TracedGraph(found, input_name, output_name, unsupported, no_backward)
+    return TracedGraph(found, input_name, output_name, unsupported, no_backward, dtype=dtype)
 
 
 def _make_op(
     node: torch.fx.Node, modules: dict[str, nn.Module], tensors: dict[str, tuple[int, ...]],
     consts: dict[str, torch.Tensor], shape: tuple[int, ...],
 ) -> ops.BoundOp:
-    """One bound operator for a traced node (raises _Unsupported)."""
+    """One bound operator for a traced node (raises Unsupported)."""
     from robkd.models.wrapper import Normalize
 
     name = node.name
     tin = [a for a in _flat_args(node) if isinstance(a, torch.fx.Node) and a.name in tensors]
     first = tin[0].name if tin else None
     if first is None:
-        raise _Unsupported("no traced tensor input")
+        raise Unsupported("no traced tensor input")
     in_shape = tensors[first]
     if node.op == "call_module":
         m = modules[node.target]
@@ -154,13 +179,13 @@ def _make_op(
             return ops.Linear(name, first, shape, m.weight, m.bias)
         if isinstance(m, nn.Conv2d):
             if m.padding_mode != "zeros":
-                raise _Unsupported(f"padding_mode={m.padding_mode}")
-            return _conv(name, first, in_shape, shape, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+                raise Unsupported(f"padding_mode={m.padding_mode}")
+            return conv_op(name, first, in_shape, shape, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
         if isinstance(m, nn.ReLU):
             return ops.ReLU(name, [first], shape)
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             if m.running_mean is None or m.running_var is None:
-                raise _Unsupported("BatchNorm without running statistics")
+                raise Unsupported("BatchNorm without running statistics")
             scale = (m.weight if m.affine else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
             shift = (m.bias if m.affine else torch.zeros_like(m.running_mean)) - m.running_mean * scale
             view = (-1,) + (1,) * (len(shape) - 1)
@@ -173,14 +198,14 @@ def _make_op(
         if isinstance(m, (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Unflatten)):
             return ops.Reshape(name, first, in_shape, shape)
         if isinstance(m, nn.AvgPool2d):
-            return _avgpool(name, first, in_shape, shape, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+            return avgpool_op(name, first, in_shape, shape, m.kernel_size, m.stride, m.padding, m.ceil_mode,
                                  m.count_include_pad, m.divisor_override)
         if isinstance(m, nn.AdaptiveAvgPool2d):
-            return _adaptive(name, first, in_shape, shape)
+            return adaptive_op(name, first, in_shape, shape)
         if isinstance(m, nn.MaxPool2d):
             return ops.MaxPool2d(name, first, shape, dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                                                          dilation=m.dilation, ceil_mode=m.ceil_mode))
-        raise _Unsupported("")
+                                                          dilation=m.dilation, ceil_mode=m.ceil_mode), in_shape)
+        raise Unsupported("")
     target = node.target
     if node.op == "call_function" and target in (F.relu, torch.relu, torch.nn.functional.relu):
         return ops.ReLU(name, [first], shape)
@@ -191,13 +216,13 @@ def _make_op(
     ):
         return ops.Reshape(name, first, in_shape, shape)
     if node.op == "call_function" and target is F.adaptive_avg_pool2d:
-        return _adaptive(name, first, in_shape, shape)
+        return adaptive_op(name, first, in_shape, shape)
     if node.op == "call_function" and target is F.avg_pool2d:
         a = _bind(node, ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"])
-        return _avgpool(name, first, in_shape, shape, a["kernel_size"], a.get("stride") or a["kernel_size"],
+        return avgpool_op(name, first, in_shape, shape, a["kernel_size"], a.get("stride") or a["kernel_size"],
                              a.get("padding", 0), a.get("ceil_mode", False), a.get("count_include_pad", True),
                              a.get("divisor_override"))
-    if node.op == "call_function" and target is F.dropout or (node.op == "call_method" and target == "clone"):
+    if node.op == "call_function" and target is F.dropout or (node.op == "call_method" and target in ("clone", "detach")):
         return ops.Reshape(name, first, in_shape, shape)
     arith = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub", operator.mul: "mul",
              torch.mul: "mul", operator.truediv: "div", torch.div: "div", operator.neg: "neg", torch.neg: "neg"}
@@ -206,23 +231,23 @@ def _make_op(
     elif node.op == "call_function" and target in arith:
         kind = arith[target]
     else:
-        raise _Unsupported("")
+        raise Unsupported("")
     if kind == "neg":
         return ops.ElementwiseAffine(name, first, shape, torch.tensor(-1.0), torch.tensor(0.0))
     if node.kwargs.get("alpha", 1) != 1:
-        raise _Unsupported("add/sub with alpha")
+        raise Unsupported("add/sub with alpha")
     a, b = node.args[0], node.args[1]
     a_t = isinstance(a, torch.fx.Node) and a.name in tensors
     b_t = isinstance(b, torch.fx.Node) and b.name in tensors
     if a_t and b_t:
         if kind in ("add", "sub") and tensors[a.name] == shape and tensors[b.name] == shape:
             return ops.Add(name, a.name, b.name, shape, 1.0 if kind == "add" else -1.0)
-        raise _Unsupported(f"{kind} of two traced tensors")
+        raise Unsupported(f"{kind} of two traced tensors")
     const = _const(b if a_t else a, consts)
     if const is None:
-        raise _Unsupported(f"{kind} with a non-constant operand")
+        raise Unsupported(f"{kind} with a non-constant operand")
     if tensors.get(first) != shape:
-        raise _Unsupported(f"{kind} with a constant that broadcasts the tensor to a larger shape")
+        raise Unsupported(f"{kind} with a constant that broadcasts the tensor to a larger shape")
     one, zero = torch.ones_like(const), torch.zeros_like(const)
     if kind == "add":
         return ops.ElementwiseAffine(name, first, shape, one, const)
@@ -232,10 +257,10 @@ def _make_op(
         return ops.ElementwiseAffine(name, first, shape, const, zero)
     if kind == "div" and a_t:
         return ops.ElementwiseAffine(name, first, shape, 1.0 / const, zero)
-    raise _Unsupported("division by a traced tensor")
+    raise Unsupported("division by a traced tensor")
 
 
-def _conv(
+def conv_op(
     name: str, first: str, in_shape: tuple[int, ...], shape: tuple[int, ...], weight: torch.Tensor,
     bias: torch.Tensor | None, stride: Any, padding: Any, dilation: Any, groups: int,
 ) -> ops.Conv2d:
@@ -247,37 +272,37 @@ def _conv(
             k = weight.shape[-2:]
             tot = [_pair(dilation)[i] * (k[i] - 1) for i in range(2)]
             if any(t % 2 for t in tot):
-                raise _Unsupported("asymmetric 'same' padding")
+                raise Unsupported("asymmetric 'same' padding")
             padding = (tot[0] // 2, tot[1] // 2)
     return ops.Conv2d(name, first, in_shape, shape, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
 
 
-def _avgpool(
+def avgpool_op(
     name: str, first: str, in_shape: tuple[int, ...], shape: tuple[int, ...], kernel: Any, stride: Any, padding: Any,
     ceil_mode: bool, include_pad: bool, divisor: int | None,
 ) -> ops.Conv2d:
     """Average pooling as a depthwise convolution with constant weights."""
     kernel, stride, padding = _pair(kernel), _pair(stride if stride is not None else kernel), _pair(padding)
     if divisor is not None or (padding != (0, 0) and not include_pad):
-        raise _Unsupported("divisor_override / count_include_pad=False")
+        raise Unsupported("divisor_override / count_include_pad=False")
     c = in_shape[0]
     w = torch.full((c, 1) + kernel, 1.0 / (kernel[0] * kernel[1]))
     expected = tuple((in_shape[1 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
     if expected != tuple(shape[1:]):
-        raise _Unsupported("ceil_mode pooling")
+        raise Unsupported("ceil_mode pooling")
     return ops.Conv2d(name, first, in_shape, shape, w, None, stride, padding, (1, 1), c)
 
 
-def _adaptive(name: str, first: str, in_shape: tuple[int, ...], shape: tuple[int, ...]) -> ops.Conv2d:
+def adaptive_op(name: str, first: str, in_shape: tuple[int, ...], shape: tuple[int, ...]) -> ops.Conv2d:
     """Adaptive average pooling with even windows as average pooling."""
     (h, w), (oh, ow) = in_shape[1:], shape[1:]
     if h % oh or w % ow:
-        raise _Unsupported(f"adaptive pooling {h}x{w} -> {oh}x{ow} with uneven windows")
+        raise Unsupported(f"adaptive pooling {h}x{w} -> {oh}x{ow} with uneven windows")
     k = (h // oh, w // ow)
-    return _avgpool(name, first, in_shape, shape, k, k, 0, False, True, None)
+    return avgpool_op(name, first, in_shape, shape, k, k, 0, False, True, None)
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
     """A node no bound operator covers (the message says why; empty when the kind is unknown)."""
 
 
@@ -303,11 +328,11 @@ def _bind(node: torch.fx.Node, names: list[str]) -> dict[str, Any]:
 def _const(v: Any, consts: dict[str, torch.Tensor]) -> torch.Tensor | None:
     if isinstance(v, torch.fx.Node):
         c = consts.get(v.name)
-        return c.detach().float() if isinstance(c, torch.Tensor) else None
+        return ops.as_float(c) if isinstance(c, torch.Tensor) else None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return torch.tensor(float(v))
     if isinstance(v, torch.Tensor):
-        return v.detach().float()
+        return ops.as_float(v)
     return None
 
 

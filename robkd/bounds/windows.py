@@ -1,16 +1,16 @@
-"""Windowed ("patches") backward CROWN for intermediate neurons of convolutional layers.
+"""Windowed ("patches") backward CROWN for intermediate neurons of convolutional networks.
 
-The pre-activation of a neuron ``(c, i, j)`` of a convolution depends only on a
-window of each earlier feature map: CROWN's backward coefficients for it are
-zero outside that window. When the path from the convolution's input back to
-the network input is a chain of convolutions, ReLUs and elementwise affine
-operators, the coefficients of every backward problem are carried as a small
-window ``(P, 2, C, h, w)`` anchored at ``(i * stride - offset, j * stride - offset)``
-of the feature map instead of a dense ``(P, 2, C, H, W)`` tensor. Per-sample
-quantities (ReLU relaxations, the input box) are cut into the same windows
-(zero outside the map, which also drops the coefficients that fall on
-zero padding). The result equals the dense backward pass up to float
-round-off; it only skips the multiplications by zero.
+A pre-activation neuron ``(c, i, j)`` of a feature map depends only on a window of each earlier
+feature map: CROWN's backward coefficients for it are zero outside that window. When every node
+between the neuron's layer and the network input is a convolution, a ReLU, an elementwise affine
+operator (BatchNorm, normalisation), a shape-preserving reshape or a residual ``Add`` (a DAG, as in
+a ResNet), the coefficients of every backward problem are carried as a small window
+``(P, 2, C, h, w)`` anchored at ``(i * stride - offset, j * stride - offset)`` of each node's map
+instead of a dense ``(P, 2, C, H, W)`` tensor. A node read by several others (a residual branch
+point) gets the union of the windows its readers need (same stride, so one anchor per position).
+Per-sample quantities (ReLU relaxations, the input box) are cut into the same windows (zero outside
+the map; coefficients that fall outside a map, i.e. on zero padding, are dropped). The result
+equals the dense backward pass up to float round-off; it only skips the multiplications by zero.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from robkd.types import Norm
 
 @dataclasses.dataclass
 class Step:
-    """One operator on the chain and the window grid on its *output* map."""
+    """One operator of the plan and the window grid on its *output* map."""
 
     op: ops.BoundOp
     h: int
@@ -38,63 +38,78 @@ class Step:
 
 @dataclasses.dataclass
 class Plan:
-    """The chain below a convolution ``start`` and the window grid on the network input."""
+    """The operators below ``start`` (reverse topological order, ``start`` first) with their window grids,
+    and the window grid on the network input."""
 
-    start: ops.Conv2d
-    kernel: torch.Tensor  # (Cout, Cin, KH, KW): dilated, groups expanded to all input channels
+    start: ops.BoundOp
     steps: list[Step]
-    input_step: Step  # grid on the input (its ``op`` is ``start``; unused)
+    input_step: Step
     positions: tuple[int, int]  # (Hs, Ws) of the start's output
+    grids: dict[str, Step]  # node name -> its window grid (the input included)
     cache: dict = dataclasses.field(default_factory=dict)
 
 
-_WINDOW_OPS = (ops.ReLU, ops.ElementwiseAffine, ops.Conv2d, ops.Reshape)
+_WINDOW_OPS = (ops.ReLU, ops.ElementwiseAffine, ops.Conv2d, ops.Reshape, ops.Add)
+
+
+def _needed(op: ops.BoundOp, s: Step) -> tuple[int, int, tuple[int, int], tuple[int, int]]:
+    """The window grid ``(h, w, stride, offset)`` on ``op``'s input(s) that its output window ``s`` reads."""
+    if isinstance(op, ops.Conv2d):
+        k = op.weight.shape[-2:]
+        h = (s.h - 1) * op.stride[0] + op.dilation[0] * (k[0] - 1) + 1
+        w = (s.w - 1) * op.stride[1] + op.dilation[1] * (k[1] - 1) + 1
+        off = (s.offset[0] * op.stride[0] + op.padding[0], s.offset[1] * op.stride[1] + op.padding[1])
+        return h, w, (s.stride[0] * op.stride[0], s.stride[1] * op.stride[1]), off
+    return s.h, s.w, s.stride, s.offset
+
+
+def _union(a: tuple | None, b: tuple) -> tuple | None:
+    """The smallest grid covering both windows (same stride), or None when the strides differ."""
+    if a is None:
+        return b
+    if a[2] != b[2]:
+        return None
+    off = (max(a[3][0], b[3][0]), max(a[3][1], b[3][1]))
+    h = max(a[0] - a[3][0], b[0] - b[3][0]) + off[0]
+    w = max(a[1] - a[3][1], b[1] - b[3][1]) + off[1]
+    return h, w, a[2], off
 
 
 def make_plan(bm, start: ops.BoundOp, max_ratio: float = 0.5) -> Plan | None:
-    """A window plan for the intermediate bounds of ``start`` (a Conv2d), or None when the path to the
-    input is not a simple chain of supported operators or the windows would not be much smaller."""
-    if not isinstance(start, ops.Conv2d) or len(start.in_shape) != 3:
+    """A window plan for the intermediate bounds of ``start``, or None when some node below it is not
+    supported (or has no ``(C, H, W)`` map), the strides disagree, or the windows would not be much
+    smaller than the dense maps."""
+    if len(start.out_shape) != 3 or len(bm.input_shape) != 3:
         return None
-    w = start.weight
-    cout, cin_g, kh, kw = w.shape
-    d = start.dilation
-    KH, KW = d[0] * (kh - 1) + 1, d[1] * (kw - 1) + 1
-    cin = start.in_shape[0]
-    kernel = torch.zeros(cout, cin, KH, KW, dtype=w.dtype, device=w.device)
-    per_group = cout // start.groups
-    for g in range(start.groups):
-        sl = slice(g * per_group, (g + 1) * per_group)
-        kernel[sl, g * cin_g : (g + 1) * cin_g, :: d[0], :: d[1]] = w[sl]
-    h, wd = KH, KW
-    st, off = start.stride, start.padding
+    need: dict[str, tuple | None] = {start.name: (1, 1, (1, 1), (0, 0))}
     steps: list[Step] = []
-    window_cost = 0
-    dense_cost = 0
-    cur = start.inputs[0]
-    while cur != bm.input_name:
-        op = bm.ops[bm.index[cur]]
-        if not isinstance(op, _WINDOW_OPS) or len(op.inputs) != 1 or len(op.out_shape) != 3:
+    window_cost = dense_cost = 0
+    for op in reversed(bm.ops[: bm.index[start.name] + 1]):
+        if op.name not in need:
+            continue
+        g = need.pop(op.name)
+        if g is None or not isinstance(op, _WINDOW_OPS) or len(op.out_shape) != 3:
             return None
         if isinstance(op, ops.Reshape) and op.in_shape != op.out_shape:
             return None
-        steps.append(Step(op, h, wd, st, off))
-        window_cost += op.out_shape[0] * h * wd
+        step = Step(op, *g)
+        steps.append(step)
+        window_cost += op.out_shape[0] * step.h * step.w
         dense_cost += math.prod(op.out_shape)
-        if isinstance(op, ops.Conv2d):
-            k = op.weight.shape[-2:]
-            h = (h - 1) * op.stride[0] + op.dilation[0] * (k[0] - 1) + 1
-            wd = (wd - 1) * op.stride[1] + op.dilation[1] * (k[1] - 1) + 1
-            off = (off[0] * op.stride[0] + op.padding[0], off[1] * op.stride[1] + op.padding[1])
-            st = (st[0] * op.stride[0], st[1] * op.stride[1])
-        cur = op.inputs[0]
-    if len(bm.input_shape) != 3:
+        req = _needed(op, step)
+        for inp in op.inputs:
+            need[inp] = _union(need.get(inp), req)
+    g = need.pop(bm.input_name, None)
+    if g is None or need:
         return None
-    window_cost += bm.input_shape[0] * h * wd
+    input_step = Step(start, *g)
+    window_cost += bm.input_shape[0] * input_step.h * input_step.w
     dense_cost += math.prod(bm.input_shape)
     if window_cost > max_ratio * dense_cost:
         return None
-    return Plan(start, kernel, steps, Step(start, h, wd, st, off), tuple(start.out_shape[1:]))
+    grids = {s.op.name: s for s in steps}
+    grids[bm.input_name] = input_step
+    return Plan(start, steps, input_step, tuple(start.out_shape[1:]), grids)
 
 
 def windows(t: torch.Tensor, step: Step, positions: tuple[int, int]) -> torch.Tensor:
@@ -124,90 +139,112 @@ def _conv_matrix(op: ops.Conv2d, step: Step) -> torch.Tensor | None:
     return F.conv_transpose2d(eye, op.weight, None, op.stride, 0, 0, op.groups, op.dilation).reshape(n_in, n_out)
 
 
+def _map_mask(shape: tuple[int, ...], step: Step, positions: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(L, 1, h, w): 1 where a window lies inside the map, 0 on padding."""
+    ones = torch.ones((1, 1) + tuple(shape[-2:]), device=device)
+    return windows(ones, step, positions)[0]
+
+
 class WindowPass:
     """Precomputed windows of one intermediate layer; :meth:`lower` solves the backward problems of a chunk."""
 
     def __init__(self, bm, plan: Plan, relax: dict[str, tuple], box: ops.Bounds, x: torch.Tensor, norm: Norm) -> None:
-        self.plan, self.norm = plan, norm
+        self.plan, self.norm, self.input_name = plan, norm, bm.input_name
         P = plan.positions
         self.L = P[0] * P[1]
         self.data: list[tuple] = []
-        masked = False  # whether the coefficients are already zero outside the current map
+        # whether the coefficients reaching a node are already zero outside its map: a ReLU's relaxation and a
+        # BatchNorm's scale windows are zero there, a convolution's backward map is not; a convolution needs
+        # masked coefficients (else off-map ones would leak into its input window), and so does the input
+        clean: dict[str, bool] = {plan.start.name: True}
         for step in plan.steps:
             op = step.op
+            masked = clean.pop(op.name)
+            mask = None if masked or not isinstance(op, ops.Conv2d) else _map_mask(op.out_shape, step, P, x.device)
+            out_clean = isinstance(op, (ops.ReLU, ops.ElementwiseAffine)) or (masked and not isinstance(op, ops.Conv2d))
+            for inp in op.inputs:
+                clean[inp] = clean.get(inp, True) and out_clean
             if isinstance(op, ops.ReLU):
                 ls, gap, ui = relax[op.name]
                 ui_w = None if ui is None else windows(ui, step, P)
-                self.data.append((windows(ls, step, P), windows(gap, step, P), ui_w))
-                masked = True
+                self.data.append((mask, windows(ls, step, P), windows(gap, step, P), ui_w))
             elif isinstance(op, ops.ElementwiseAffine):
-                self.data.append((windows(op.scale.unsqueeze(0), step, P)[0], windows(op.shift.unsqueeze(0), step, P)[0]))
-                masked = True
+                self.data.append((mask, windows(op.scale.unsqueeze(0), step, P)[0], windows(op.shift.unsqueeze(0), step, P)[0]))
             elif isinstance(op, ops.Conv2d):
-                mask = None
-                if not masked:
-                    ones = torch.ones((1, 1) + op.out_shape[1:], device=x.device)
-                    mask = windows(ones, step, P)[0]
                 key = ("matrix", op.name, step.h, step.w)
                 if key not in plan.cache:
                     plan.cache[key] = _conv_matrix(op, step)
                 self.data.append((mask, plan.cache[key]))
-                masked = False
             else:
-                self.data.append(())
+                self.data.append((mask,))
         s = plan.input_step
-        ones = torch.ones((1, 1) + tuple(x.shape[2:]), device=x.device)
-        self.in_mask = None if masked else windows(ones, s, P)[0]
+        self.in_mask = None if clean.get(bm.input_name, False) else _map_mask(tuple(x.shape), s, P, x.device)
         self.lo = windows(box[0], s, P)
         self.width = windows(box[1] - box[0], s, P)
         self.x = windows(x, s, P) if norm is Norm.L2 else None
-        if norm is Norm.L2 and self.in_mask is None:
-            self.in_mask = windows(ones, s, P)[0]
 
     def _gather(self, t: torch.Tensor, ps: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return t.reshape((-1,) + t.shape[2:])[ps * self.L + pos]
+
+    def _place(self, pending: dict, name: str, A: torch.Tensor, req: tuple) -> None:
+        """Add the window ``A`` (grid ``req`` on node ``name``) into the node's own (possibly larger) window."""
+        g = self.plan.grids[name]
+        dy, dx = g.offset[0] - req[3][0], g.offset[1] - req[3][1]
+        if (dy, dx) != (0, 0) or A.shape[-2:] != (g.h, g.w):
+            full = A.new_zeros(A.shape[:-2] + (g.h, g.w))
+            full[..., dy : dy + A.shape[-2], dx : dx + A.shape[-1]] = A
+            A = full
+        pending[name] = pending[name] + A if name in pending else A
 
     def lower(self, ps: torch.Tensor, pn: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Lower bounds of ``+z`` and ``-z`` for the pre-activations ``z`` of the pairs (sample ``ps``,
         neuron ``pn``): (P, 2)."""
         plan = self.plan
         c, pos = pn // self.L, pn % self.L
-        a = plan.kernel[c]
-        A = torch.stack([a, -a], 1)
-        n = A.shape[0]
+        n = pn.shape[0]
+        A = torch.zeros(n, 2, plan.start.out_shape[0], 1, 1, device=ps.device)
+        rows = torch.arange(n, device=ps.device)
+        A[rows, 0, c] = 1.0
+        A[rows, 1, c] = -1.0
+        pending = {plan.start.name: A}
         bias = torch.zeros(n, 2, device=A.device)
-        if plan.start.bias is not None:
-            b = plan.start.bias[c]
-            bias = torch.stack([b, -b], 1)
         for step, data in zip(plan.steps, self.data):
             op = step.op
+            A = pending.pop(op.name)
+            if data[0] is not None:
+                A = A * data[0][pos].unsqueeze(1)
+            outs = [A]
             if isinstance(op, ops.ReLU):
-                ls, gap = self._gather(data[0], ps, pos), self._gather(data[1], ps, pos)
-                ui = None if data[2] is None else self._gather(data[2], ps, pos)
+                ls, gap = self._gather(data[1], ps, pos), self._gather(data[2], ps, pos)
+                ui = None if data[3] is None else self._gather(data[3], ps, pos)
                 A, b = ops.ReLU.backward_relaxed(A, ls, gap, ui)
+                outs = [A]
                 if b is not None:
                     bias = bias + b
             elif isinstance(op, ops.ElementwiseAffine):
-                sc, sh = data[0][pos], data[1][pos]
+                sc, sh = data[1][pos], data[2][pos]
                 flat = A.reshape(n, 2, -1)
                 bias = bias + torch.matmul(flat, sh.reshape(n, -1, 1)).squeeze(-1)
-                A = (flat * sc.reshape(n, 1, -1)).reshape(A.shape)
+                outs = [(flat * sc.reshape(n, 1, -1)).reshape(A.shape)]
             elif isinstance(op, ops.Conv2d):
-                mask, matrix = data
-                if mask is not None:
-                    A = A * mask[pos].unsqueeze(1)
                 if op.bias is not None:
                     bias = bias + (A.sum(dim=(-2, -1)) * op.bias).sum(-1)
                 c_in = op.weight.shape[1] * op.groups
-                if matrix is not None:
-                    k = op.weight.shape[-2:]
-                    h2 = (A.shape[-2] - 1) * op.stride[0] + op.dilation[0] * (k[0] - 1) + 1
-                    w2 = (A.shape[-1] - 1) * op.stride[1] + op.dilation[1] * (k[1] - 1) + 1
-                    A = (A.reshape(n * 2, -1) @ matrix).reshape(n, 2, c_in, h2, w2)
+                k = op.weight.shape[-2:]
+                h2 = (A.shape[-2] - 1) * op.stride[0] + op.dilation[0] * (k[0] - 1) + 1
+                w2 = (A.shape[-1] - 1) * op.stride[1] + op.dilation[1] * (k[1] - 1) + 1
+                if data[1] is not None:
+                    outs = [(A.reshape(n * 2, -1) @ data[1]).reshape(n, 2, c_in, h2, w2)]
                 else:
-                    A = F.conv_transpose2d(A.reshape((n * 2,) + A.shape[2:]), op.weight, None, op.stride, 0, 0,
-                                           op.groups, op.dilation)
-                    A = A.reshape((n, 2) + A.shape[1:])
+                    new = F.conv_transpose2d(A.reshape((n * 2,) + A.shape[2:]), op.weight, None, op.stride, 0, 0,
+                                             op.groups, op.dilation)
+                    outs = [new.reshape((n, 2) + new.shape[1:])]
+            elif isinstance(op, ops.Add):
+                outs = [A, A * op.sign]
+            req = _needed(op, step)
+            for inp, a in zip(op.inputs, outs):
+                self._place(pending, inp, a, req)
+        A = pending.pop(self.input_name)
         if self.in_mask is not None:
             A = A * self.in_mask[pos].unsqueeze(1)
         flat = A.reshape(n, 2, -1)

@@ -1,20 +1,27 @@
 """``robkd audit TEACHER STUDENT``: attack both models on identical samples, report, gate.
 
-Exit codes: 0 all gates passed, 1 a gate failed, 2 bad input (one line on stderr),
-3 sanity flags raised under ``--strict`` (results are still written).
+Exit codes: 0 all gates passed, 1 a gate failed, 2 bad input (one line on stderr) or ``--time-limit``
+reached (the finished work is saved: continue with ``--resume``), 3 sanity flags raised under ``--strict``
+(results are still written). ``--dry-run`` checks everything and estimates the cost (exit 0, nothing
+written); ``--preset`` fills attacks, radii and sample counts (:mod:`robkd.auditing.presets`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from robkd.auditing.config import AuditConfig
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
     """The ``audit`` subcommand; every flag named like an :class:`AuditConfig` field sets that field, and the
     defaults shown in the help are the dataclass' own."""
     from robkd.auditing.config import AuditConfig
-    from robkd.cli.common import add_data_args, add_model_args
+    from robkd.auditing.presets import PRESETS, presets_help
+    from robkd.cli.common import add_data_args, add_model_args, add_run_control_args
 
     d = AuditConfig()  # the defaults (no validation: nothing is given)
     p = sub.add_parser(
@@ -22,14 +29,19 @@ def register(sub: "argparse._SubParsersAction") -> None:
         help="attack suite over radii on teacher and student, transfer figures, gates, results.json",
         description=(
             "Evaluate teacher and student on the same seeded samples: clean and robust accuracy per attack "
-            "(cumulative, in cascade order) and per radius, worst case, 95%% Clopper-Pearson intervals, "
-            "transfer figures, gates. Settings come from defaults < --spec FILE < flags. "
-            "Exit codes: 0 gates passed, 1 a gate failed, 2 bad input, 3 sanity flags under --strict."
+            "(cumulative, in cascade order) and per radius, worst case, 95% Clopper-Pearson intervals, "
+            "transfer figures, gates. Settings come from defaults < --preset < --spec FILE < flags. "
+            "The default attack (pgd-20) is weaker than AutoAttack, so gates judged on it are optimistic: "
+            "--preset robustbench runs the AutoAttack standard suite. "
+            "Exit codes: 0 gates passed, 1 a gate failed, 2 bad input or --time-limit reached (continue with "
+            "--resume), 3 sanity flags under --strict."
         ),
     )
     p.add_argument("teacher", nargs="?", help="teacher model file (or 'teacher' in --spec)")
     p.add_argument("student", nargs="?", help="student model file (or 'student' in --spec)")
     p.add_argument("--spec", help="audit spec (TOML) with the same settings; flags override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
+                   help=f"named settings under --spec and flags: {presets_help()}")
     add_data_args(p, default_n=d.n, default_split=d.split, default_seed=d.seed)
     add_model_args(p, pair=True)
     g = p.add_argument_group("threat model and attacks")
@@ -52,15 +64,21 @@ def register(sub: "argparse._SubParsersAction") -> None:
     o.add_argument("--gate", action="append", dest="gates", metavar="EXPR",
                    help='release gate, repeatable, e.g. "student.worst@8/255 >= 0.9*teacher.worst@8/255" (replaces the spec\'s gates)')
     o.add_argument("--gate-on", choices=["lower", "point"], help=f"judge gates on 95%% confidence bounds (lower) or point estimates (point); default {d.gate_on}")
+    o.add_argument("--enforce-default-verdict", action="store_true", default=None,
+                   help="exit 1 when the default transfer verdict fails (the student keeps less than 90%% of the "
+                        "teacher's worst-case robust accuracy at the largest radius, judged like --gate-on); "
+                        "without it the default verdict is shown, not enforced")
     o.add_argument("--strict", action="store_true", default=None, help="exit 3 when a sanity check flags the evaluation")
     o.add_argument("--sanity-n", type=int, metavar="N",
                    help="clean-correct samples per model for the attack-based sanity checks (large radius, 10x more "
-                        f"PGD steps, per-radius monotonicity; default {d.sanity_n}); 0 runs only the cheap checks")
+                        f"PGD steps, per-radius monotonicity; default {d.sanity_n}; they start from the suite's outcomes "
+                        "and are saved for --resume); 0 runs only the cheap checks")
     o.add_argument("--out", help="output directory for results.json and samples.safetensors")
     o.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out (finished work is not redone)")
     o.add_argument("--overwrite", action="store_true", help="replace an audit already in --out")
     o.add_argument("--no-report", action="store_true", help="write results.json and samples only, no report.md/report.html")
     o.add_argument("--json", action="store_true", help="print results.json to stdout instead of the summary table")
+    add_run_control_args(o, what="audit", checkpoint="after every (attack, radius) and analysis step")
     d = p.add_argument_group("multi-process (see docs/distributed.md)")
     d.add_argument("--launcher", choices=["none", "torchrun"], default="none",
                    help="torchrun: re-run this command under torchrun with --nproc-per-node processes; the samples are "
@@ -91,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
     nproc = getattr(args, "nproc_per_node", None)
     if launcher == "none" and nproc is not None:
         raise UsageError("--nproc-per-node needs --launcher torchrun")
+    if getattr(args, "dry_run", False):  # one process: nothing is attacked
+        return _dry_run(args)
+    if getattr(args, "time_limit", None) is not None and (launcher == "torchrun" or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1):
+        raise UsageError("--time-limit is not supported under torchrun (stop the job yourself; --resume continues it)")
     if launcher == "torchrun":
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             raise UsageError("--launcher torchrun given inside a torchrun worker: drop --launcher when calling torchrun yourself")
@@ -127,28 +149,84 @@ def _relaunch(args: argparse.Namespace, nproc: int | None) -> int:
     return relaunch(argv, nproc)
 
 
-def _run(args: argparse.Namespace) -> int:
-    import os
-
+def _config(args: argparse.Namespace) -> "AuditConfig":
+    """The audit's settings: defaults < --preset < --spec < flags; both models named."""
     from robkd.auditing.config import AuditConfig
     from robkd.errors import UsageError
 
-    cfg = AuditConfig.from_spec(args.spec, **_overrides(args))
+    cfg = AuditConfig.from_spec(args.spec, preset=getattr(args, "preset", None), **_overrides(args))
     if not cfg.teacher or not cfg.student:
         raise UsageError("give TEACHER and STUDENT model files (or 'teacher'/'student' in --spec)")
+    return cfg
+
+
+def _time_limit(args: argparse.Namespace, cfg: "AuditConfig") -> float | None:
+    """``--time-limit`` in seconds (None when not given); it needs --out, where the finished work is kept."""
+    from robkd.auditing.events import parse_duration
+    from robkd.errors import UsageError
+
+    if getattr(args, "time_limit", None) is None:
+        return None
+    limit = parse_duration(args.time_limit)
+    if not cfg.out:
+        raise UsageError("--time-limit needs --out DIR (where the finished work is kept for --resume)")
+    return limit
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """``--dry-run``: every check of a real run, then the plan and the cost estimate; nothing attacked or written."""
+    from robkd.auditing.estimate import dry_run, estimate_to_dict, format_estimate
+
+    cfg = _config(args)
+    _time_limit(args, cfg)  # a bad --time-limit fails the dry run too
+    est = dry_run(cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.json:
+        import json
+
+        sys.stdout.write(json.dumps(estimate_to_dict(est), indent=2) + "\n")
+    else:
+        sys.stdout.write("\n".join(format_estimate(est)) + "\n")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+    import time
+
+    from robkd.errors import UsageError
+
+    t_start = time.monotonic()
+
+    cfg = _config(args)
     if args.resume and not cfg.out:
         raise UsageError("--resume needs --out DIR (the directory of the interrupted audit)")
+    limit = _time_limit(args, cfg)
 
     from robkd.auditing.api import run_audit
-    from robkd.auditing.render import ProgressDisplay, summary_tables
+    from robkd.auditing.events import EventDisplay, TimeLimit, TimeLimitReached
+    from robkd.auditing.render import closing_line, summary_tables
     from robkd.distributed.launch import strip_launcher_args
     from robkd.utils.progress import progress_bar
 
     command = strip_launcher_args(list(getattr(args, "_robkd_argv", None) or ["robkd"] + sys.argv[1:]))
     if int(os.environ.get("RANK", "0") or 0) != 0:  # other ranks of a torchrun job compute; rank 0 reports
         return run_audit(cfg, resume=args.resume, overwrite=args.overwrite, command=command).exit_code
-    with progress_bar() as progress:
-        result = run_audit(cfg, resume=args.resume, overwrite=args.overwrite, on_event=ProgressDisplay(progress), command=command)
+    try:
+        with progress_bar() as progress:
+            display = EventDisplay(progress)
+            on_event = display if limit is None else TimeLimit(limit, display, start=t_start)
+            try:
+                result = run_audit(cfg, resume=args.resume, overwrite=args.overwrite, on_event=on_event, command=command)
+            finally:
+                display.finish()
+    except TimeLimitReached as exc:
+        from robkd.errors import EXIT_BAD_INPUT
+
+        again = " ".join(shlex.quote(a) for a in command if a != "--overwrite")
+        sys.stderr.write(f"robkd audit: {exc}; the finished work is saved in {cfg.out}: continue with "
+                         f"{again}{'' if args.resume else ' --resume'}\n")
+        return EXIT_BAD_INPUT
     data = result.to_dict()
     if cfg.out and not args.no_report:
         try:
@@ -168,8 +246,11 @@ def _run(args: argparse.Namespace) -> int:
         for table in summary_tables(data):
             console.print(table)
         if cfg.out:
-            console.print(f"results: {cfg.out}/results.json" + ("" if args.no_report else f", report: {cfg.out}/report.html"))
+            shown = os.path.normpath(cfg.out)  # "runs/" or "runs//x" shown as the path it is, never with "//"
+            console.print(f"results: {os.path.join(shown, 'results.json')}"
+                          + ("" if args.no_report else f", report: {os.path.join(shown, 'report.html')}"))
         flags = result.sanity_flags
         if flags and cfg.strict:
             console.print(f"[red]{len(flags)} sanity flag(s) under --strict: exit 3[/red]")
+        console.print(closing_line(data), markup=False, highlight=False, soft_wrap=True)
     return result.exit_code

@@ -29,7 +29,12 @@ def register(sub: "argparse._SubParsersAction") -> None:
     add_model_args(p, pair=False)
     add_data_args(p, default_n=100)
     g = p.add_argument_group("certification")
-    g.add_argument("--method", choices=METHODS, default="crown", help="certification method (default crown)")
+    g.add_argument("--method", choices=METHODS, default=None, help="certification method (default crown)")
+    g.add_argument("--budget", metavar="TIME,MEMORY",
+                   help="per sample, the tightest bound method that fits a time and memory budget, e.g. 30s,2GB: "
+                        "IBP -> CROWN-IBP -> CROWN -> alpha-CROWN -> MILP (small nets), escalating only undecided "
+                        "samples; certify.json records the method that decided each sample and every fallback "
+                        "(replaces --method)")
     g.add_argument("--eps", help="radii, e.g. 0.01,0.05 or 1/255,2/255,...,8/255 (default: the dataset's usual Linf radius; required for --norm L2 and smoothing)")
     g.add_argument("--norm", choices=["Linf", "L2", "linf", "l2"], default="Linf", help="ball norm (default Linf)")
     g.add_argument("--bounds-backend", choices=["robkd", "auto_lirpa"], default="robkd",
@@ -74,8 +79,19 @@ def run(args: argparse.Namespace) -> int:
     from robkd.types import Norm, format_radius, parse_eps_list
     from robkd.utils.io import atomic_write_json
     from robkd.utils.outdir import check_out_dir
+    from robkd.utils.progress import progress_task
 
     log = logging.getLogger("robkd.certify")
+    budget = None
+    if getattr(args, "budget", None) is not None:
+        from robkd.bounds.budget import Budget
+
+        if args.method is not None:
+            raise UsageError("--budget picks the method per sample: drop --method")
+        budget = Budget.parse(args.budget)
+        args.method = "budget"
+    elif args.method is None:
+        args.method = "crown"
     if args.batch_size is not None and args.batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if args.alpha_steps < 0:
@@ -98,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         if args.sigma is None or not args.sigma > 0:
             raise UsageError("--method smoothing needs --sigma > 0")
         norm = Norm.L2  # smoothing certifies L2 radii
-    if args.bounds_backend == "auto_lirpa" and args.method in ("milp", "smoothing"):
+    if args.bounds_backend == "auto_lirpa" and args.method in ("milp", "smoothing", "budget"):
         raise UsageError("--bounds-backend auto_lirpa applies to ibp/crown/alpha-crown only")
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -141,32 +157,44 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     results: list[dict] = []
+    from robkd.bounds.records import milp_entry, smoothing_entry
     if args.method == "smoothing":
         from robkd.bounds.smoothing import certify_smoothing
 
         sres = certify_smoothing(model, x, y, sigma=args.sigma, n0=args.n0, n=args.mc_n, alpha=args.alpha,
                                  batch_size=args.batch_size, seed=seed)
         for eps in radii:
-            results.append({"eps": eps, "eps_str": format_radius(eps), "norm": "L2",
-                            "certified_accuracy": sres.certified_accuracy(eps)})
+            results.append(smoothing_entry(sres, eps, sres.seconds))
         detail = sres.to_dict(radii)
     elif args.method == "milp":
         from robkd.bounds.milp import verify_milp
 
         detail = {}
         for eps in radii:
-            outs = verify_milp(model, x, y, eps, time_limit=args.time_limit)
-            counts = {k: sum(o.status == k for o in outs) for k in ("verified", "falsified", "unknown")}
-            results.append({"eps": eps, "eps_str": format_radius(eps), "norm": norm.value,
-                            "certified_accuracy": counts["verified"] / len(outs), **counts,
-                            "per_sample": [o.to_dict() for o in outs]})
+            t_eps = time.perf_counter()
+            with progress_task(f"certify: milp eps={format_radius(eps)}", len(y)) as advance:
+                outs = verify_milp(model, x, y, eps, time_limit=args.time_limit)
+                advance(len(outs))
+            results.append(milp_entry(outs, eps, norm, time.perf_counter() - t_eps))
+    elif args.method == "budget":
+        from robkd.bounds.budget import certify_budget
+
+        detail = {"budget": budget.to_dict()}
+        for eps in radii:
+            with progress_task(f"certify: budget eps={format_radius(eps)}", len(y)) as advance:
+                res = certify_budget(model, x, y, eps, budget, norm=norm, alpha_steps=args.alpha_steps,
+                                     batch_size=args.batch_size)
+                advance(len(y))
+            results.append(res.to_dict())
     else:
         from robkd.bounds import certify
 
         detail = {}
         for eps in radii:
-            res = certify(model, x, y, eps, norm=norm, method=args.method, backend=args.bounds_backend,
-                          intermediate=args.intermediate, alpha_steps=args.alpha_steps, batch_size=args.batch_size)
+            with progress_task(f"certify: {args.method} eps={format_radius(eps)}", len(y)) as advance:
+                res = certify(model, x, y, eps, norm=norm, method=args.method, backend=args.bounds_backend,
+                              intermediate=args.intermediate, alpha_steps=args.alpha_steps, batch_size=args.batch_size)
+                advance(len(y))
             results.append(res.to_dict())
             log.debug("eps %s: certified %.3f in %.1fs", format_radius(eps), res.certified_accuracy, res.seconds)
     lr_block = None
@@ -184,13 +212,24 @@ def run(args: argparse.Namespace) -> int:
         if not tol < hi:
             raise UsageError(f"--linear-region-tol ({tol}) must be below the upper end {hi}")
         t_lr = time.perf_counter()
-        lr = linear_region_radius(model, x, norm=norm, hi=hi, tol=tol, method=lr_method, batch_size=args.batch_size)
+        with progress_task(f"certify: linear-region radius ({lr_method})", len(y)) as advance:
+            lr = linear_region_radius(model, x, norm=norm, hi=hi, tol=tol, method=lr_method, batch_size=args.batch_size)
+            advance(len(y))
         lr_block = linear_region_radius_summary(lr, hi=hi, tol=tol, norm=norm, method=lr_method)
         lr_block["seconds"] = time.perf_counter() - t_lr
+    import robkd
+    from robkd.bounds.records import CONFIDENCE, SCHEMA
+    from robkd.models.identity import model_sha256
+    from robkd.report.schema.certify import check_certify
+
     payload = {
-        "command": "certify",
+        "schema": SCHEMA,
+        "robkd_version": robkd.__version__,
+        "command": list(getattr(args, "_robkd_argv", None) or ["robkd"] + sys.argv[1:]),
         "model": str(args.model),
+        "model_sha256": model_sha256(model),
         "method": args.method,
+        "budget": budget.to_dict() if budget is not None else None,
         "backend": args.bounds_backend if args.method in ("ibp", "crown", "alpha-crown") else None,
         "intermediate": args.intermediate if args.method in ("crown", "alpha-crown") else None,
         "norm": norm.value,
@@ -199,36 +238,22 @@ def run(args: argparse.Namespace) -> int:
         "n": len(subset),
         "seed": seed,
         "sample_indices": subset.indices.tolist(),
-        "radii": radii,
+        "labels": [int(v) for v in y.tolist()],
+        "radii": [float(r) for r in radii],
+        "confidence": CONFIDENCE,
         "results": results,
         "detail": detail,
         "linear_region_radius": lr_block,
         "seconds": time.perf_counter() - t0,
     }
+    check_certify(payload)  # a payload breaking its own schema is a robkd bug (exit 4), never written
     atomic_write_json(out_dir / "certify.json", payload)
     if args.json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=f"robkd certify ({args.method}, {norm.value}, n={len(subset)})")
-    table.add_column("radius")
-    table.add_column("certified acc.", justify="right")
-    extra = []
-    if args.method in ("ibp", "crown", "alpha-crown"):
-        extra = [("clean_accuracy", "clean acc."), ("linear_region_fraction", "in one linear region"),
-                 ("mean_unstable_relus", "unstable ReLUs (mean)")]
-    elif args.method == "milp":
-        extra = [("verified", "verified"), ("falsified", "falsified"), ("unknown", "unknown")]
-    for _, title in extra:
-        table.add_column(title, justify="right")
-    for r in results:
-        cells = [r["eps_str"], f"{r['certified_accuracy']:.3f}"]
-        for key, _ in extra:
-            v = r[key]
-            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
-        table.add_row(*cells)
+    table = certify_table(payload)
     Console().print(table)
     if lr_block is not None:
         Console().print(
@@ -237,3 +262,38 @@ def run(args: argparse.Namespace) -> int:
         )
     Console().print(f"wrote {out_dir / 'certify.json'}")
     return 0
+
+
+def _pct(f: dict | None) -> str:
+    """``85.0% [62.1, 96.8]`` (95% Clopper-Pearson interval, as the audit prints); ``n/a`` when undefined."""
+    if not f or f.get("value") is None:
+        return "n/a"
+    return f"{100 * f['value']:.1f}% [{100 * f['ci_low']:.1f}, {100 * f['ci_high']:.1f}]"
+
+
+def certify_table(doc: dict):
+    """The terminal table of a certify.json document (rich)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    method = doc["method"]
+    table = Table(title=escape(f"robkd certify ({method}, {doc['norm']}, n={doc['n']}; 95% intervals)"))
+    for title in ("radius", "certified acc.", "clean acc.", "falsified", "unknown"):
+        table.add_column(title, justify="left" if title == "radius" else "right", no_wrap=True)
+    bound = method in ("ibp", "crown", "alpha-crown", "budget")
+    if bound:
+        table.add_column("linear region", justify="right")
+        table.add_column("unstable ReLUs", justify="right")
+    if method == "budget":
+        table.add_column("decided by")
+    for r in doc["results"]:
+        cells = [r["eps_str"], _pct(r["certified_fraction"]), _pct(r["clean_fraction"]), str(r["falsified"]),
+                 str(r["unknown"])]
+        if bound:
+            lin = r.get("linear_region_fraction")
+            cells += ["n/a" if lin is None else f"{100 * lin:.1f}%",
+                      "n/a" if r.get("mean_unstable_relus") is None else f"{r['mean_unstable_relus']:.1f}"]
+        if method == "budget":
+            cells.append(", ".join(f"{k} {v}" for k, v in r.get("decided_counts", {}).items()))
+        table.add_row(*cells)
+    return table

@@ -40,6 +40,19 @@ def add_data_args(p: argparse.ArgumentParser, *, default_n: int | None = 1000, d
     g.add_argument("--download", action="store_true", help="download the dataset through torchvision if missing")
 
 
+def add_run_control_args(g: "argparse._ActionsContainer", *, what: str, checkpoint: str) -> None:
+    """``--dry-run`` and ``--time-limit`` of a long command (``what``: its name; ``checkpoint``: when it saves
+    its resumable state, where a time limit stops it)."""
+    g.add_argument("--dry-run", action="store_true",
+                   help=f"check everything (models, data, gates, --out) and print the {what}'s plan with a cost "
+                        "estimate (passes per model, attack and radius, sanity checks, certification; the time from "
+                        "a few timed forward+backward passes); exits 0 without attacking or writing anything")
+    g.add_argument("--time-limit", metavar="DURATION",
+                   help=f"stop the whole {what} cleanly once DURATION has passed (90m, 2h, 3600s, 1h30m, or 45 = "
+                        f"seconds) at the next check point ({checkpoint}): needs --out, keeps the finished work there "
+                        "and exits 2; continue with the same command plus --resume")
+
+
 def add_device_arg(g: "argparse._ActionsContainer", *, what: str = "computes") -> None:
     """``--device`` (cpu default; cuda, cuda:N, mps); under torchrun CUDA means one GPU per process."""
     g.add_argument("--device", default="cpu",

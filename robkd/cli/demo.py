@@ -8,6 +8,7 @@ and write the reports under ``reports/demo/`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         f"{100 * b['teacher']['per_radius'][-1]['worst']['value']:.1f}%)\n"
         f"after repair:  gates {'passed' if a['gates_passed'] else 'FAILED'}; student worst-case robust accuracy @ {r}: "
         f"{100 * a['student']['per_radius'][-1]['worst']['value']:.1f}%\n"
-        f"report: {args.out}/report.html ({res.seconds:.0f} s)\n"
+        f"report: {os.path.join(os.path.normpath(args.out), 'report.html')} ({res.seconds:.0f} s)\n"
     )
     if not res.story_holds:
         log.warning("the demo's story did not hold here (it needs the gate to fail before the repair and pass after; "

@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "train": "robkd.cli.train",
     "certify": "robkd.cli.certify",
     "report": "robkd.cli.report",
+    "gate": "robkd.cli.gate",
+    "compare": "robkd.cli.compare",
     "demo": "robkd.cli.demo",
     "env": "robkd.cli.env",
 }
@@ -29,7 +31,23 @@ DESCRIPTION = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with bad usage reported as ONE line (``prog: error: ...``) and exit code 2, no usage dump."""
+    """argparse with bad usage reported as ONE line (``prog: error: ...``) and exit code 2, no usage dump.
+
+    argparse %-formats an argument's help ("95%%" shows as "95%") but prints descriptions and epilogs as they
+    are; here they are written like help strings too, so "%%" never reaches the terminal."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        for key in ("description", "epilog"):
+            if isinstance(kwargs.get(key), str):
+                kwargs[key] = kwargs[key].replace("%%", "%")
+        super().__init__(*args, **kwargs)
+
+    def add_argument_group(self, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:  # noqa: D102
+        if len(args) > 1 and isinstance(args[1], str):  # (title, description) given positionally
+            args = (args[0], args[1].replace("%%", "%"), *args[2:])
+        if isinstance(kwargs.get("description"), str):
+            kwargs["description"] = kwargs["description"].replace("%%", "%")
+        return super().add_argument_group(*args, **kwargs)
 
     def format_help(self) -> str:
         """argparse's help, then the exit-code table (verbatim: argparse would re-wrap an epilog)."""
@@ -46,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robkd", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"robkd {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on the terminal")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on the terminal (no progress either)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
         importlib.import_module(module).register(sub)
@@ -72,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s" if debug else "%(message)s",
         stream=sys.stderr,
     )
+    from robkd.utils.progress import set_quiet
+
+    set_quiet(bool(args.quiet))  # --quiet: no progress bars or lines either
     if not debug:  # pyautoattack logs every runner's settings at INFO ("setting parameters for ... version")
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
     _fail_writes_instead_of_dying()

@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         # render() shows a training_log.json of the directory it writes to; one beside the source must
         # travel with the results. In place, the results file is left exactly as it is.
         result = with_training_log(result, src_dir)
-    written = render(result, out_dir, formats=formats)
+    from robkd.report.schema import SAMPLES_FILE
+
+    written = render(result, out_dir, formats=formats, samples=src_dir / SAMPLES_FILE)
     for p in written:
         sys.stdout.write(f"{esc_text(p, keep='')}\n")
     log.info("report written to %s", esc_text(out_dir, keep=""))

@@ -23,6 +23,15 @@ OBJECTIVES_HELP = """objectives (S student, T teacher, tau temperature; KL batch
   kdiga       KD + l_iga*IGA(x)
   kdiga-ardc  l_ce*CE(S(x)) + l_kl*tau^2*KL(T(x)/tau || S(x_adv)/tau) + l_iga*IGA(x)
   kdiga-arda  l_ce*CE(S(x)) + l_kl*tau^2*KL(T(x_adv)/tau || S(x_adv)/tau) + l_iga*IGA(x_adv)
+  rslad       alpha*KL(T(x) || S(x_adv)) + (1-alpha)*KL(T(x) || S(x)), alpha 5/6; x_adv maximises
+              KL(T(x) || S(x+d)) from x+0.001*N(0,1)                     [Zi et al. 2021]
+  iad         ARD + alpha*mean_i (1-w_i)*KL(S(x_i) || S(x_adv,i)), w_i = p_T(y_i|x_adv,i)^iad_beta,
+              switched on after --iad-warmup of the run; tau 1       [IAD-I, Zhu et al. 2022]
+  adaad       alpha*KL(T(x_adv) || S(x_adv)) + (1-alpha)*KL(T(x) || S(x)), alpha 1; x_adv maximises
+              KL(T(x+d) || S(x+d)), the teacher queried at every step   [Huang et al. 2023]
+  --igdm      (ard, rslad, adaad) + lambda_igdm*(epoch/epochs)*KL(softmax(T(x+d)-T(x-d)) ||
+              softmax(S(x+d)-S(x-d))), d = x_adv - x                   [IGDM, ICLR 2024]
+  KL(P || Q): target P first, batchmean (sum over classes, mean over the batch), never / classes.
 
 IGA convention: --iga-form per-sample (default): IGA = mean_i ||g_s,i - g_t,i||_2 of
 per-sample input gradients of CE (independent of the batch size), default
@@ -67,7 +76,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--iga-form", choices=IGA_FORMS, default=d.iga_form,
                    help=f"IGA convention (default: {d.iga_form}, mean_i ||g_s,i - g_t,i||_2; see below)")
     o.add_argument("--temperature", type=float, help="distillation temperature tau (default for ard/fast-ard: 5 on CIFAR-100, else 30 (ARD paper, CIFAR-10); 1 otherwise)")
-    o.add_argument("--alpha", type=float, default=d.alpha, help=f"ARD weight of the KL term (default: {d.alpha:g}, ARD paper)")
+    o.add_argument("--alpha", type=float, default=d.alpha,
+                   help="weight of the adversarial term of ard/fast-ard/iad/rslad/adaad (default: 5/6 for rslad, RSLAD paper; "
+                        "1 otherwise: ARD, IAD, AdaAD papers)")
+    o.add_argument("--iad-beta", type=float, default=d.iad_beta,
+                   help=f"IAD: exponent of the teacher's confidence p_T(y|x_adv)^beta (default: {d.iad_beta:g}, IAD paper)")
+    o.add_argument("--iad-warmup", type=float, default=d.iad_warmup,
+                   help=f"IAD: fraction of the run before the introspection starts (default: {d.iad_warmup:g} = epoch 60 of 200)")
+    o.add_argument("--igdm", action="store_true", help="add the IGDM term to ard, rslad or adaad")
+    o.add_argument("--lambda-igdm", type=float, default=d.lambda_igdm,
+                   help=f"IGDM weight, ramped linearly over the run (default: {d.lambda_igdm:g}, IGDM paper)")
     o.add_argument("--beta", type=float, default=d.beta, help=f"TRADES beta (default: {d.beta:g})")
     o.add_argument("--replays", "-m", type=int, default=d.replays, help=f"Fast-ARD minibatch replays m (default: {d.replays})")
     a = p.add_argument_group("training attack")

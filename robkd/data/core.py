@@ -132,15 +132,21 @@ def eval_subset(data: ImageData, n: int | None, seed: int = 0) -> ImageData:
 
     The same (dataset, n, seed) always gives the same samples in the same order.
     """
-    if n is not None and (not isinstance(n, int) or n <= 0):
-        raise UsageError(f"--n must be a positive integer, got {n!r}")
+    idx = subset_positions(len(data), n, seed)  # checks n first
     if len(data) == 0:
         raise DataError(f"{data.name}: the dataset is empty")
-    if n is None or n >= len(data):
-        return data
+    return data if idx is None else data.select(idx)
+
+
+def subset_positions(length: int, n: int | None, seed: int = 0) -> torch.Tensor | None:
+    """The positions :func:`eval_subset` picks from a dataset of ``length`` samples, in audit order (None: all of
+    them, in order). The one subset rule: in-memory datasets are read at exactly these positions."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+        raise UsageError(f"--n must be a positive integer, got {n!r}")
+    if n is None or n >= length:
+        return None
     g = torch.Generator().manual_seed(int(seed))
-    idx = torch.randperm(len(data), generator=g)[:n]
-    return data.select(idx)
+    return torch.randperm(length, generator=g)[:n]
 
 
 def train_val_split(data: ImageData, val_fraction: float = 0.1, seed: int = 0) -> tuple[ImageData, ImageData]:

@@ -76,7 +76,9 @@ def _find_idx(dirs: list[Path], split: str) -> tuple[Path, Path] | None:
     return None
 
 
-def _idx_reader(tv_name: str, debian: Path | None, classes: list[str] | None) -> Callable[..., ImageData]:
+def _idx_reader(tv_name: str, name: str, debian: Path | None, classes: list[str] | None) -> Callable[..., ImageData]:
+    """Reader of an IDX dataset kept by torchvision under ``tv_name``; the data is named ``name`` (the registry's)."""
+
     def read(split: str, data_dir=None, download: bool = False, **_: object) -> ImageData:
         dirs = _candidate_dirs(data_dir, [f"{tv_name}/raw", tv_name])
         if debian is not None and not data_dir:
@@ -88,11 +90,11 @@ def _idx_reader(tv_name: str, debian: Path | None, classes: list[str] | None) ->
         if found is None:
             hint = " or `apt-get install dataset-fashion-mnist`" if debian is not None else ""
             raise DataError(
-                f"{tv_name} {split} IDX files not found (looked in {', '.join(str(d) for d in dirs[:4])}, ...): "
+                f"{name} {split} IDX files not found (looked in {', '.join(str(d) for d in dirs[:4])}, ...): "
                 f"pass --data-dir{hint}, or --download to fetch them through torchvision"
             )
         x, y = formats.read_idx_pair(*found)
-        return ImageData(x, y, name=tv_name.lower(), classes=classes)
+        return ImageData(x, y, name=name, classes=classes)
 
     return read
 
@@ -197,7 +199,8 @@ def _slice_reader(split: str, **_: object) -> ImageData:
 
 DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo(
-        "fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), 0.1, _idx_reader("FashionMNIST", DEBIAN_FASHION, FASHION_CLASSES),
+        "fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), 0.1, _idx_reader("FashionMNIST", "fashion-mnist", DEBIAN_FASHION,
+                                                                                    FASHION_CLASSES),
         "Fashion-MNIST (IDX; Debian's dataset-fashion-mnist, a torchvision root, or --data-dir)",
     ),
     "fashion-mnist-slice": DatasetInfo(
@@ -205,7 +208,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "A small real Fashion-MNIST slice bundled with robkd (train/test), for demos and quick tests",
     ),
     "mnist": DatasetInfo(
-        "mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), 0.3, _idx_reader("MNIST", None, [str(i) for i in range(10)]),
+        "mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), 0.3, _idx_reader("MNIST", "mnist", None, [str(i) for i in range(10)]),
         "MNIST (IDX; a torchvision root or --data-dir)",
     ),
     "cifar10": DatasetInfo(

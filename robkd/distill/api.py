@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from robkd.distill.checks import nonfinite_tensors
 from robkd.distill.config import STUDENT_METHODS, TrainConfig
@@ -33,6 +34,8 @@ class TrainResult:
     log: TrainLog
     checkpoint: Path | None = None
     audit: Any = None
+    #: ``--method auto``: the trials, the choice and why (the result's ``auto`` block)
+    auto: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.log))
@@ -138,7 +141,7 @@ def _trainer(student, teacher, *, cfg: TrainConfig, tr, va, name, info, state_pa
 
 
 def _run(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | None, resume, max_steps,
-         extra_prov: Mapping[str, Any]) -> TrainResult:
+         extra_prov: Mapping[str, Any], fit: Any = None) -> TrainResult:
     """Train (holding the lock of ``out_p``), then save the model with its provenance."""
     from robkd.distributed import current
 
@@ -155,18 +158,22 @@ def _run(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | None, res
     with lock:
         if out_p is not None and is_main:
             remove_stale_temps(out_p)  # left by a kill during an earlier save of this checkpoint
+        fitted = None
+        if fit is not None:  # --method auto: its trials and rounds run here, under the lock; fit() returns the kept run
+            trainer, fitted, block = fit()
+            extra_prov = {**extra_prov, "auto": {k: block[k] for k in ("chosen", "kept", "stopped", "elapsed_s", "budget_s")}}
         return _fit_and_save(trainer, teacher_src, tr=tr, va=va, name=name, out_p=out_p, resume=resume,
-                             max_steps=max_steps, extra_prov=extra_prov)
+                             max_steps=max_steps, extra_prov=extra_prov, fitted=fitted)
 
 
 def _fit_and_save(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | None, resume, max_steps,
-                  extra_prov: Mapping[str, Any]) -> TrainResult:
+                  extra_prov: Mapping[str, Any], fitted: TrainLog | None = None) -> TrainResult:
     from robkd import __version__
     from robkd.distributed import barrier, current
     from robkd.models import save_model
 
     student, teacher = trainer.student, trainer.teacher
-    tlog = trainer.fit(resume=resume, max_steps=max_steps)
+    tlog = fitted if fitted is not None else trainer.fit(resume=resume, max_steps=max_steps)
     if not tlog.finished:
         return TrainResult(student, tlog, None)
     bad = nonfinite_tensors(student)
@@ -284,9 +291,17 @@ def repair(
     audit_out: str | Path | None = None,
     audit_kwargs: Mapping[str, Any] | None = None,
     audit_before: bool = True,
+    gate: "Sequence[str] | str | None" = None,
+    budget: Any = None,
+    auto_options: Mapping[str, Any] | None = None,
     **hparams: Any,
 ) -> TrainResult:
     """Distil ``teacher`` into ``student`` with a robust-distillation ``method`` (default KDIGA).
+
+    ``method="auto"`` (:mod:`robkd.distill.auto`) tries candidate methods and weights (``auto_options``) on a
+    validation split and continues the best until ``gate`` holds on validation or ``budget`` (e.g. ``"2h"``)
+    is spent; the result's ``auto`` block (also ``TrainResult.auto``) holds the trial table. ``gate`` is also
+    judged by the final audit.
 
     ``student`` (path or RobustModel) is fine-tuned; ``from_scratch=True``
     re-initialises it (same architecture); with ``student=None`` a new student
@@ -304,11 +319,21 @@ def repair(
     from robkd.models import build_model, check_compatible
     from robkd.utils.seed import seed_everything
 
+    auto_opts = None
+    if method == "auto":
+        from robkd.distill.auto import AutoOptions
+
+        auto_opts = AutoOptions.build(gate, budget, auto_options)
+        method = "kd"  # the base config: the candidates set the objective
+    elif budget is not None or auto_options:
+        raise UsageError("--budget and the auto options belong to --method auto")
     cfg = TrainConfig.from_dict({"method": method, "epochs": epochs, **hparams})
     if cfg.method not in STUDENT_METHODS:
         raise UsageError(f"repair distils a student: method must be one of {', '.join(STUDENT_METHODS)}, got {cfg.method!r}")
     dev = resolve_device(cfg.device)  # an unavailable device fails before the data is loaded
     akw = dict(audit_kwargs or {})
+    if gate:  # judged by the final audit as well
+        akw.setdefault("gates", [gate] if isinstance(gate, str) else list(gate))
     akw.setdefault("device", str(dev))  # the audits run where the training did
     out_p, state_p, log_p = _output_paths(out, state_path, log_path, audit_out if audit else None)
     if audit:
@@ -349,10 +374,24 @@ def repair(
         log.info("auditing the student before the repair")
         before = _run_audit(t, _load(student, "student", **dict(load_kwargs or {})) if from_scratch else s, data, data_dir,
                             dict(akw), None)
+    fit, blocks = None, []
+    if auto_opts is not None:
+        if max_steps is not None:
+            raise UsageError("max_steps (a simulated kill) is not supported with --method auto")
+        from robkd.distill.auto import run_auto
+
+        def fit():
+            out = run_auto(s, t, base=trainer.config, tr=tr, va=va, opts=auto_opts, dataset=name,
+                           default_eps=info.default_eps if info else None, resume=resume, show_progress=show_progress,
+                           state_dir=state_p.with_name(state_p.name + ".auto") if state_p is not None else None)
+            blocks.append(out[2])
+            return out
+
     res = _run(trainer, teacher, tr=tr, va=va, name=name, out_p=out_p, resume=resume, max_steps=max_steps,
-               extra_prov={"student_init": init})
+               extra_prov={"student_init": init}, fit=fit)
+    res.auto = blocks[0] if blocks else None
     if audit and res.log.finished:
-        res.audit = _audit(t, res.model, data, data_dir, res.log, audit_out, dict(akw), before)
+        res.audit = _audit(t, res.model, data, data_dir, res.log, audit_out, dict(akw), before, res.auto)
     return res
 
 
@@ -369,7 +408,7 @@ def _run_audit(teacher: Any, student: Any, data: Any, data_dir: Any, kw: dict[st
 
 
 def _audit(teacher: Any, student: Any, data: Any, data_dir: Any, tlog: TrainLog, out_dir: Any, kw: dict[str, Any],
-           before: Any = None) -> Any:
+           before: Any = None, auto: dict[str, Any] | None = None) -> Any:
     """Audit (teacher, repaired student); with ``out_dir`` write results.json, the report and the training log.
 
     ``before`` (the audit of the student before the repair) goes into the result as ``before``.
@@ -379,11 +418,17 @@ def _audit(teacher: Any, student: Any, data: Any, data_dir: Any, tlog: TrainLog,
 
     if before is not None:
         result.attach_before(before)
+    if auto is not None:  # --method auto: the trial table, beside the audit's figures (the schema allows extra blocks)
+        result._data["auto"] = json.loads(json.dumps(auto, allow_nan=False))
     if out_dir is not None and current().is_main:
-        from robkd.utils.io import atomic_write_json
+        from robkd.utils.io import atomic_write_json, atomic_write_text
 
-        if before is not None:
-            result.write(out_dir, samples=False)  # results.json again, now with the before block
+        if before is not None or auto is not None:
+            result.write(out_dir, samples=False)  # results.json again, now with the before / auto blocks
+        if auto is not None:
+            from robkd.distill.auto import auto_table
+
+            atomic_write_text(Path(out_dir) / "auto.md", auto_table(auto))
         atomic_write_json(Path(out_dir) / "training_log.json", tlog.to_dict())
         try:
             from robkd.report import render

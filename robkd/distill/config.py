@@ -12,6 +12,11 @@ mnist               0.3          0.075           10
 others              dataset default radius, eps/4, 10
 ==================  ===========  ==============  =====
 
+The later methods (RSLAD, IAD, AdaAD and the IGDM add-on) use the papers' defaults:
+``alpha`` 5/6 for RSLAD and 1 otherwise; IAD ``iad_beta`` 0.1 and ``iad_warmup`` 0.3 of the run (the
+code's 60 of 200 epochs); IGDM ``lambda_igdm`` 20 ramped linearly over the run (``igdm`` switches it on
+for ard/rslad/adaad).
+
 Fast-ARD's free step defaults to ``eps`` (free adversarial training); it makes
 ``ceil(epochs / replays)`` passes over the data.
 
@@ -33,10 +38,16 @@ from robkd.errors import UsageError
 from robkd.utils.validate import check_int, check_number
 
 TEACHER_METHODS = ("st", "at", "trades")
-STUDENT_METHODS = ("kd", "ard", "fast-ard", "kdiga", "kdiga-ardc", "kdiga-arda")
+STUDENT_METHODS = ("kd", "ard", "fast-ard", "kdiga", "kdiga-ardc", "kdiga-arda", "rslad", "iad", "adaad")
 METHODS = TEACHER_METHODS + STUDENT_METHODS
-ADVERSARIAL_METHODS = ("at", "trades", "ard", "fast-ard", "kdiga-ardc", "kdiga-arda")
+ADVERSARIAL_METHODS = ("at", "trades", "ard", "fast-ard", "kdiga-ardc", "kdiga-arda", "rslad", "iad", "adaad")
 IGA_METHODS = ("kdiga", "kdiga-ardc", "kdiga-arda")
+#: the methods IGDM (``igdm=True``) adds its term to
+IGDM_METHODS = ("ard", "rslad", "adaad")
+#: methods whose KL terms carry no temperature (their papers' losses): ``temperature`` must stay 1
+NO_TEMPERATURE_METHODS = ("rslad", "adaad")
+#: ``alpha`` (weight of the adversarial term) per method when not given: RSLAD's 5/6, else 1 (ARD, IAD, AdaAD)
+ALPHA_DEFAULT = {"rslad": 5.0 / 6.0}
 SCHEDULES = ("multistep", "cosine", "constant")
 AUGMENTS = ("auto", "none", "crop", "crop-flip", "flip")
 SELECTS = ("val-robust", "last")
@@ -59,7 +70,12 @@ class TrainConfig:
     * ``ard``/``fast-ard``: alpha tau^2 KL(T(x)/tau || S(x_adv)/tau) + (1 - alpha) CE(S(x), y);
     * ``kdiga``: KD + lambda_iga IGA(x);
     * ``kdiga-ardc``: lambda_ce CE(S(x)) + lambda_kl tau^2 KL(T(x)/tau || S(x_adv)/tau) + lambda_iga IGA(x);
-    * ``kdiga-arda``: lambda_ce CE(S(x)) + lambda_kl tau^2 KL(T(x_adv)/tau || S(x_adv)/tau) + lambda_iga IGA(x_adv).
+    * ``kdiga-arda``: lambda_ce CE(S(x)) + lambda_kl tau^2 KL(T(x_adv)/tau || S(x_adv)/tau) + lambda_iga IGA(x_adv);
+    * ``rslad``: alpha KL(T(x) || S(x_adv)) + (1 - alpha) KL(T(x) || S(x)), x_adv maximising KL(T(x) || S(x + d));
+    * ``iad``: ARD + alpha mean_i (1 - w_i) KL(S(x_i) || S(x_adv,i)), w_i = p_T(y_i | x_adv,i)^iad_beta, after warm-up;
+    * ``adaad``: alpha KL(T(x_adv) || S(x_adv)) + (1 - alpha) KL(T(x) || S(x)), x_adv maximising KL(T(x + d) || S(x + d));
+    * ``igdm=True`` (ard/rslad/adaad): + lambda_igdm * (epoch / epochs) * KL(softmax(T(x+d) - T(x-d)) || softmax(S(x+d) - S(x-d))),
+      d = x_adv - x.
 
     IGA(x) is ``mean_i ||g_s,i - g_t,i||_2`` of per-sample CE input gradients
     (``iga_form="per-sample"``, default, ``lambda_iga=1``) or the reference
@@ -82,8 +98,12 @@ class TrainConfig:
     lambda_iga: float | None = None
     iga_form: str = "per-sample"
     temperature: float | None = None
-    alpha: float = 1.0
+    alpha: float | None = None
     beta: float = 6.0
+    iad_beta: float = 0.1
+    iad_warmup: float = 0.3
+    igdm: bool = False
+    lambda_igdm: float = 20.0
     norm: str = "Linf"
     eps: float | None = None
     step_size: float | None = None
@@ -110,7 +130,7 @@ class TrainConfig:
         d = dict(d)
         if "milestones" in d and d["milestones"] is not None:
             d["milestones"] = tuple(float(v) for v in d["milestones"])
-        return cls(**{k: v for k, v in d.items() if v is not None or k in ("lambda_iga", "temperature", "eps", "step_size", "cache_teacher", "train_n")})
+        return cls(**{k: v for k, v in d.items() if v is not None or k in ("lambda_iga", "temperature", "eps", "step_size", "cache_teacher", "train_n", "alpha")})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict."""
@@ -148,13 +168,22 @@ class TrainConfig:
         check_int(c.seed, "seed", 0)
         if c.train_n is not None:
             check_int(c.train_n, "train_n", 1)
-        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "lambda_ce", "lambda_kl", "beta"):
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "lambda_ce", "lambda_kl", "beta", "iad_beta", "lambda_igdm"):
             check_number(getattr(c, name), name, 0.0)
         if c.lr <= 0:
             raise UsageError("lr must be > 0")
+        if c.alpha is None:
+            c.alpha = ALPHA_DEFAULT.get(c.method, 1.0)
         check_number(c.alpha, "alpha", 0.0)
         if c.alpha > 1:
             raise UsageError(f"alpha must be in [0, 1], got {c.alpha}")
+        check_number(c.iad_warmup, "iad_warmup", 0.0)
+        if c.iad_warmup > 1:
+            raise UsageError(f"iad_warmup is a fraction of the run in [0, 1], got {c.iad_warmup}")
+        if not isinstance(c.igdm, bool):
+            raise UsageError(f"igdm must be true or false, got {c.igdm!r}")
+        if c.igdm and c.method not in IGDM_METHODS:
+            raise UsageError(f"IGDM (--igdm) is an add-on term for {', '.join(IGDM_METHODS)}, not {c.method}")
         if c.schedule not in SCHEDULES:
             raise UsageError(f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if any(not (0 < m < 1) for m in c.milestones):
@@ -182,6 +211,8 @@ class TrainConfig:
         check_number(c.temperature, "temperature", 0.0)
         if c.temperature <= 0:
             raise UsageError("temperature must be > 0")
+        if c.method in NO_TEMPERATURE_METHODS and c.temperature != 1.0:
+            raise UsageError(f"{c.method} has no temperature (its paper's KL terms use tau = 1): drop --temperature")
         if c.eps is None:
             needs_eps = c.method in ADVERSARIAL_METHODS or (c.val_n > 0 and c.val_steps > 0)
             if default_eps is None and needs_eps:

@@ -32,6 +32,9 @@ class StepContext:
     #: under DDP, ``(start, stop, total)``: this rank's rows of the global batch (random starts are drawn for
     #: the global batch and sliced, so ranks differ and every sample starts as in one process)
     batch_part: "tuple[int, int, int] | None" = None
+    #: the pass being trained (0-based) and the passes of the run: IAD's warm-up and IGDM's ramp read them
+    epoch: int = 0
+    passes: int = 1
 
     @property
     def attack_model(self) -> torch.nn.Module:
@@ -73,6 +76,18 @@ class StepContext:
             nat = model(x).detach()
         self.student.train(was)
         return self._attack(lambda z: L.trades_kl(nat, model(z), reduction="none"), x, "normal:0.001")
+
+    def pgd_rslad(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """RSLAD inner max of KL(T(x) || S(x+d)) (the teacher's clean soft label is the target) from x + 0.001 N(0, 1)."""
+        model = self.attack_model
+        t = teacher_logits.detach()
+        return self._attack(lambda z: L.kl_divergence(t, model(z), reduction="none"), x, "normal:0.001")
+
+    def pgd_adaad(self, x: torch.Tensor) -> torch.Tensor:
+        """AdaAD inner max of KL(T(x+d) || S(x+d)) from x + 0.001 N(0, 1): the teacher is queried (and
+        differentiated with respect to its input) at every step."""
+        model, teacher = self.attack_model, self.teacher
+        return self._attack(lambda z: L.kl_divergence(teacher(z), model(z), reduction="none"), x, "normal:0.001")
 
     # ----------------------------------------------------------------- teacher
     def teacher_logits(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -185,8 +200,8 @@ def obj_kd(ctx: StepContext, x, y, idx):
     return ce + kl, {"ce": ce.item(), "kl": kl.item()}
 
 
-def obj_ard(ctx: StepContext, x, y, idx):
-    """ARD: alpha tau^2 KL(T(x)/tau || S(x_adv)/tau) + (1 - alpha) CE(S(x), y); teacher sees clean x."""
+def ard_terms(ctx: StepContext, x, y, idx):
+    """ARD's ``(loss, terms, x_adv, T(x))``: alpha tau^2 KL(T(x)/tau || S(x_adv)/tau) + (1 - alpha) CE(S(x), y)."""
     c = ctx.config
     x_adv = ctx.pgd_ce(x, y)
     t = ctx.teacher_logits(x, idx)
@@ -196,6 +211,12 @@ def obj_ard(ctx: StepContext, x, y, idx):
         ce = (1 - c.alpha) * L.cross_entropy(ctx.student(x), y)
         loss = loss + ce
         terms["ce"] = ce.item()
+    return loss, terms, x_adv, t
+
+
+def obj_ard(ctx: StepContext, x, y, idx):
+    """ARD: alpha tau^2 KL(T(x)/tau || S(x_adv)/tau) + (1 - alpha) CE(S(x), y); teacher sees clean x."""
+    loss, terms, _, _ = ard_terms(ctx, x, y, idx)
     return loss, terms
 
 
@@ -244,7 +265,8 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def get_objective(method: str) -> Objective:
-    """The objective function of ``method`` (Fast-ARD is a training loop, see :class:`robkd.distill.Trainer`)."""
+    """The objective function of a seed ``method`` (Fast-ARD is a training loop, see :class:`robkd.distill.Trainer`;
+    RSLAD, IAD, AdaAD and IGDM: :func:`robkd.distill.recent_objectives.objective_for`)."""
     try:
         return OBJECTIVES[method]
     except KeyError:

@@ -23,7 +23,7 @@ from robkd.data.core import ImageData
 from robkd.distill import objectives as O
 from robkd.distill.augment import augment_batch, resolve_augment
 from robkd.distill.checks import check_input_shape, check_models, finite_or_none
-from robkd.distill.config import IGA_METHODS, TrainConfig
+from robkd.distill.config import IGA_METHODS, STUDENT_METHODS, TrainConfig
 from robkd.distill.device import resolve_device
 from robkd.distill.divergence import DivergenceGuard
 from robkd.distill.evaluate import evaluate_robust
@@ -123,7 +123,7 @@ class Trainer:
         if c.uses_teacher and teacher is None:
             raise UsageError(f"method {c.method} distils from a teacher: give one")
         if not c.uses_teacher and teacher is not None:
-            raise UsageError(f"method {c.method} trains without a teacher; drop the teacher (distillation methods: kd, ard, fast-ard, kdiga, kdiga-ardc, kdiga-arda)")
+            raise UsageError(f"method {c.method} trains without a teacher; drop the teacher (distillation methods: {', '.join(STUDENT_METHODS)})")
         if len(train_data) == 0:
             raise DataError("the training set is empty")
         check_input_shape(student, train_data, "student")
@@ -314,8 +314,10 @@ class Trainer:
         c = self.config
         if self.use_cache and run.loop.epoch < c.passes:
             run.cache = O.TeacherCache(self.teacher, self.train_data, grads=c.method in IGA_METHODS, device=self.device)
-        run.ctx = O.StepContext(D.wrap(self.student, run.dctx), self.teacher, c, run.attack_gen, run.cache)
-        run.objective = None if c.method == "fast-ard" else O.get_objective(c.method)
+        from robkd.distill.recent_objectives import objective_for
+
+        run.ctx = O.StepContext(D.wrap(self.student, run.dctx), self.teacher, c, run.attack_gen, run.cache, passes=c.passes)
+        run.objective = None if c.method == "fast-ard" else objective_for(c)
         run.guard = DivergenceGuard(method=c.method, student=self.student, ctx=run.ctx, optimizer=run.optimizer,
                                     loop=run.loop, checkpoint=run.checkpoint, passes=c.passes, batches=self._batches(),
                                     dctx=run.dctx)
@@ -340,6 +342,7 @@ class Trainer:
             x, y, idx = x[a:b], y[a:b], idx[a:b]
         x, y = x.to(self.device), y.to(self.device)
         cidx = idx if run.cache is not None else None
+        run.ctx.epoch = loop.epoch  # IAD's warm-up and IGDM's ramp
         if run.objective is None:
             loop.delta, terms = self._fast_ard_batch(run.ctx, run.optimizer, x, y, cidx, loop.delta,
                                                      run.guard.check_loss, run.guard.check_weights)

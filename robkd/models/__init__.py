@@ -13,7 +13,7 @@ from robkd.models.formats import detect_format
 from robkd.models.load import check_compatible, load_model
 from robkd.models.registry import create_model, list_models, register_model
 from robkd.models.save import save_model
-from robkd.models.wrapper import Normalize, RobustModel, as_robust_model
+from robkd.models.wrapper import Normalize, RobustModel, as_robust_model, in_memory_model
 
 __all__ = [
     "build_model",
@@ -21,6 +21,7 @@ __all__ = [
     "RobustModel",
     "as_robust_model",
     "check_compatible",
+    "in_memory_model",
     "create_model",
     "detect_format",
     "list_models",

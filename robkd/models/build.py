@@ -66,8 +66,8 @@ def build_arch(meta: ModelMeta, weights: Mapping[str, TensorSpec] | None = None,
     under a guard that stops at the first tensor past the limits."""
     if not meta.arch:
         raise ModelLoadError(
-            "this file holds only weights (a state_dict): name the architecture with --arch "
-            "(robkd:<name>, timm:<name> or module.path:Factory)"
+            f"{source} holds only weights (a state_dict): name the architecture with --arch "
+            "(robkd:<name>, timm:<name>, module.path:Factory or robustbench:<model id>)"
         )
     if meta.input_shape is None:
         raise ModelLoadError(f"architecture {meta.arch} needs the input shape: pass --input-shape C,H,W or a dataset")

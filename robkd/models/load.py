@@ -14,6 +14,10 @@ from robkd.errors import IncompatibleModelsError, ModelLoadError
 from robkd.models.formats import LOADERS, detect_format
 from robkd.models.messages import first_line
 from robkd.models.metadata import apply_overrides, data_hints
+from robkd.models.registry import split_arch
+from robkd.models.robustbench import KIND as RB_KIND
+from robkd.models.robustbench import check_flags as check_robustbench_flags
+from robkd.models.robustbench import load_robustbench
 from robkd.models.wrapper import RobustModel
 from robkd.types import ModelMeta
 from robkd.utils.modules import model_device
@@ -34,8 +38,8 @@ def load_model(
 ) -> RobustModel:
     """Load a model file of any supported format as a [0,1]-input :class:`RobustModel` in eval mode.
 
-    ``arch`` (``robkd:<name>``, ``timm:<name>`` or ``module.path:Factory``) is
-    needed for plain state_dicts; ``mean``/``std``/``num_classes``/``input_shape``
+    ``arch`` (``robkd:<name>``, ``timm:<name>``, ``module.path:Factory`` or, with the optional
+    ``robustbench`` package, ``robustbench:<model id>``) is needed for plain state_dicts; ``mean``/``std``/``num_classes``/``input_shape``
     complete the metadata (a value contradicting what the file itself carries is an error).
     A robkd checkpoint whose architecture is user code (``module.path:Factory``) is built
     only when ``arch`` names that same architecture or ``allow_pickle`` is set; a
@@ -57,7 +61,10 @@ def load_model(
     )
     flags.validate()  # UsageError naming the bad value (bounds in robkd.types)
     loader = LOADERS[fmt]
-    if fmt in ("safetensors", "torch"):  # weights only: the data may say what the architecture needs
+    if arch and split_arch(arch)[0] == RB_KIND and fmt in ("safetensors", "torch"):  # RobustBench's model zoo
+        check_robustbench_flags(arch, mean, std)
+        net, meta = load_robustbench(p, arch, num_classes=flags.num_classes or data_hints(dataset)[1])
+    elif fmt in ("safetensors", "torch"):  # weights only: the data may say what the architecture needs
         shape, classes = data_hints(dataset)
         hinted = dataclasses.replace(flags, input_shape=flags.input_shape or shape, num_classes=flags.num_classes or classes)
         net, meta = loader(p, hinted, allow_pickle)

@@ -1,4 +1,5 @@
-"""Architecture registry (timm style): ``robkd:<name>``, ``timm:<name>``, ``module.path:Factory``.
+"""Architecture registry (timm style): ``robkd:<name>``, ``timm:<name>``, ``module.path:Factory``, and
+``robustbench:<model id>`` (RobustBench's model zoo, an optional extra: :mod:`robkd.models.robustbench`).
 
 A factory is called as ``factory(num_classes=..., in_chans=..., img_size=..., **kwargs)``
 and returns an ``nn.Module`` that takes *normalised* inputs; normalisation is
@@ -88,7 +89,7 @@ def create_model(
     img_size: int = 32,
     **kwargs: Any,
 ) -> nn.Module:
-    """Create an architecture from ``robkd:<name>``, ``timm:<name>`` or ``module.path:Factory``.
+    """Create an architecture from ``robkd:<name>``, ``timm:<name>``, ``robustbench:<id>`` or ``module.path:Factory``.
 
     User code is imported only when named explicitly with ``module.path:Factory``.
     """
@@ -101,6 +102,10 @@ def create_model(
         return entry.factory(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
     if kind == "timm":
         return _create_timm(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    if kind == "robustbench":  # the optional extra: RobustBench's model zoo
+        from robkd.models.robustbench import create
+
+        return create(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
     return _create_user(kind, name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
 
 

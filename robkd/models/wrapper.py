@@ -60,6 +60,9 @@ class RobustModel(nn.Module):
         if c is not None and len(mean) != c:
             raise UsageError(f"mean/std have {len(mean)} channels but the input has {c}")
         self.normalize = Normalize(mean, std)
+        dtype = next((t.dtype for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()), None)
+        if dtype is not None and dtype != torch.float32:
+            self.normalize.to(dtype)  # a float64 net gets float64 inputs: (x - mean) / std promotes x
         self.net = net
         self.meta = meta
 
@@ -79,3 +82,58 @@ def as_robust_model(model: nn.Module, meta: ModelMeta | None = None) -> RobustMo
     if isinstance(model, RobustModel):
         return model
     return RobustModel(model, meta)
+
+
+def in_memory_model(
+    model: nn.Module,
+    role: str = "model",
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    num_classes: int | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> RobustModel:
+    """A model given in memory as a :class:`RobustModel`, with ``mean``/``std`` (and the classes and input shape)
+    applied exactly as to a model file that carries none: a plain module is wrapped with that normalisation
+    inside. A :class:`RobustModel` keeps its own metadata; a value it already carries and the argument
+    contradicts is refused (:class:`UsageError`: normalising twice, or not at all, would be silently wrong),
+    and one it lacks is filled in (its normalisation then rebuilt around the same ``net``)."""
+    flags = ModelMeta(
+        num_classes=num_classes,
+        input_shape=tuple(int(v) for v in input_shape) if input_shape is not None else None,
+        mean=tuple(float(v) for v in mean) if mean is not None else None,
+        std=tuple(float(v) for v in std) if std is not None else None,
+    ).validate()
+    if flags.mean is not None and flags.std is not None and len(flags.mean) != len(flags.std):
+        raise UsageError(f"mean has {len(flags.mean)} values but std has {len(flags.std)}")
+    given = {k: getattr(flags, k) for k in ("num_classes", "input_shape", "mean", "std") if getattr(flags, k) is not None}
+    if not isinstance(model, RobustModel):
+        return RobustModel(model, ModelMeta(**given)) if given else RobustModel(model)
+    meta = model.meta
+    for name, value in given.items():
+        own = getattr(meta, name)
+        if own is not None and not _same(own, value):
+            what = "normalises its inputs with" if name in ("mean", "std") else "says"
+            raise UsageError(f"the {role} is a robkd model that already {what} {name} = {_show(own)}; {name}= says "
+                             f"{_show(value)}: drop {name}= for it (its metadata carries the value)")
+    missing = {k: v for k, v in given.items() if getattr(meta, k) is None}
+    if not missing:
+        return model
+    import dataclasses
+
+    new_meta = dataclasses.replace(meta, **missing)
+    if any(k in missing for k in ("mean", "std", "input_shape")):  # the normalisation is built from these
+        return RobustModel(model.net, new_meta)
+    model.meta = new_meta
+    return model
+
+
+def _same(a: Sequence[float] | int | tuple, b: Sequence[float] | int | tuple) -> bool:
+    """Equal values; sequences element-wise up to a relative 1e-6."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(abs(float(u) - float(v)) <= 1e-6 * max(1.0, abs(float(u))) for u, v in zip(a, b))
+    return a == b
+
+
+def _show(v: object) -> str:
+    return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, (tuple, list)) else str(v)

@@ -8,6 +8,7 @@ builders never escape by hand (and cannot forget to).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 from typing import Any, Sequence, Union
@@ -104,7 +105,30 @@ class Verdict:
     warnings: list[Inline]
 
 
-Block = Union[Heading, Para, Bullets, Table, Figure, Code, Verdict]
+@dataclasses.dataclass
+class Image:
+    """A PNG image: written to ``<stem>.png`` beside report.md, a data URI in report.html."""
+
+    stem: str
+    png: bytes
+    alt: str = ""
+
+
+@dataclasses.dataclass
+class ImageTable:
+    """A table whose cells are text or :class:`Image` (a gallery with its labels)."""
+
+    header: list[str]
+    rows: list[list[Union[str, Image]]]
+    caption: str = ""
+
+
+Block = Union[Heading, Para, Bullets, Table, Figure, Code, Verdict, ImageTable]
+
+
+def images(blocks: Sequence[Block]) -> list[Image]:
+    """Every :class:`Image` of the blocks, in order."""
+    return [c for b in blocks if isinstance(b, ImageTable) for row in b.rows for c in row if isinstance(c, Image)]
 
 
 def slug(text: str) -> str:
@@ -159,6 +183,17 @@ def to_markdown(blocks: Sequence[Block], figure_paths: dict[str, str]) -> str:
                 out.append("*" + esc_md(b.caption) + "*")
         elif isinstance(b, Code):
             out.append(md_code_block(b.text, b.lang))
+        elif isinstance(b, ImageTable):
+            def md_cell(c: Union[str, Image]) -> str:
+                if isinstance(c, Image):
+                    return f"![{esc_md(c.alt or c.stem)}]({figure_paths.get(c.stem, c.stem + '.png')})"
+                return esc_md(c)
+
+            lines = ["*" + esc_md(b.caption) + "*\n"] if b.caption else []
+            lines.append("| " + " | ".join(esc_md(h) for h in b.header) + " |")
+            lines.append("|" + "|".join("---" for _ in b.header) + "|")
+            lines += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in b.rows]
+            out.append("\n".join(lines))
         elif isinstance(b, Verdict):
             word = {"pass": "PASS", "fail": "FAIL"}.get(b.status, "NO GATES")
             lines = [f"> ## Verdict: {word}", ">", "> **" + esc_md(b.headline) + "**"]
@@ -209,6 +244,7 @@ svg{max-width:100%;height:auto}
 pre{background:#1f2330;color:#f0f0f0;padding:12px 14px;border-radius:6px;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
 code{font-family:Menlo,Consolas,monospace;font-size:13px}
 .ok{color:#1e8449;font-weight:700} .bad{color:#c0392b;font-weight:700}
+table.gallery td{text-align:left;vertical-align:middle} table.gallery img{display:block;image-rendering:pixelated;max-width:100%}
 """
 
 
@@ -247,6 +283,17 @@ def to_html(blocks: Sequence[Block], *, title: str) -> str:
             body.append(f'<figure id="fig-{esc_html(b.stem)}">{_svg_inline(b.svg)}{cap}</figure>')
         elif isinstance(b, Code):
             body.append(f"<pre><code>{esc_html(b.text)}</code></pre>")
+        elif isinstance(b, ImageTable):
+            def html_cell(c: Union[str, Image]) -> str:
+                if isinstance(c, Image):
+                    data = base64.b64encode(c.png).decode("ascii")
+                    return f'<img src="data:image/png;base64,{data}" alt="{esc_html(c.alt or c.stem)}">'
+                return esc_html(c)
+
+            cap = f"<caption>{esc_html(b.caption)}</caption>" if b.caption else ""
+            head = "".join(f"<th>{esc_html(h)}</th>" for h in b.header)
+            rows = "".join("<tr>" + "".join(f"<td>{html_cell(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+            body.append(f'<table class="gallery">{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>')
         elif isinstance(b, Verdict):
             status = b.status if b.status in ("pass", "fail", "none") else "none"
             word = {"pass": "PASS", "fail": "FAIL"}.get(status, "NO GATES")

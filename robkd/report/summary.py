@@ -18,6 +18,7 @@ from robkd.report.format import (
     ci_text,
     fmt_num,
     frame,
+    lost_text,
     pct,
     pct_ci,
     radius_label,
@@ -25,7 +26,7 @@ from robkd.report.format import (
     table_attacks,
     xticks,
 )
-from robkd.report.schema import Estimate, ModelBlock, Results
+from robkd.report.schema import DefaultVerdict, Estimate, ModelBlock, Results
 from robkd.report.svg import DASHES, Series, line_chart
 
 
@@ -37,15 +38,25 @@ def verdict(res: Results) -> D.Verdict:
     radii = res.radii
     t, s = res.teacher, res.student
     failed = [g for g in gates if not g.passed]
-    if gates:
-        status = "fail" if failed else "pass"
-        plural = "s" if len(gates) != 1 else ""
-        headline = (f"{len(failed)} of {len(gates)} release gate{plural} failed: do not ship this student as is."
-                    if failed else f"All {len(gates)} release gate{plural} passed.")
+    dv = res.default_verdict
+    enforced = dv is not None and dv.enforced and dv.gate is not None
+    judged = gates + ([dv.gate] if enforced and dv is not None and dv.gate is not None else [])
+    judged_failed = [g for g in judged if not g.passed]
+    if judged:
+        status = "fail" if judged_failed else "pass"
+        plural = "s" if len(judged) != 1 else ""
+        headline = (f"{len(judged_failed)} of {len(judged)} release gate{plural} failed: do not ship this student as is."
+                    if judged_failed else f"All {len(judged)} release gate{plural} passed.")
     else:
         status = "none"
         headline = "No release gates were set: the figures below are for information only."
+        if dv is not None:
+            headline = f"No release gates were set; {default_verdict_text(dv)}."
     lines: list[D.Inline] = [[("b", "PASS " if g.passed else "FAIL "), ("code", g.text), ("", " — " + g.reason)] for g in gates]
+    if dv is not None and dv.gate is not None and (enforced or not gates):
+        word = ("PASS " if dv.passed else "FAIL ") if enforced else ("ADVISORY PASS " if dv.passed else "ADVISORY FAIL ")
+        lines.append([("b", word), ("code", dv.expr),
+                      ("", f" (default transfer verdict{'' if enforced else ', not enforced'}) — " + dv.gate.reason)])
     tiles: list[tuple[str, str, str]] = [("Teacher clean", pct(t.clean.value), ci_text(t.clean)),
                                          ("Student clean", pct(s.clean.value), ci_text(s.clean))]
     if radii:
@@ -72,13 +83,33 @@ def verdict(res: Results) -> D.Verdict:
     if res.strict and flags:
         status = "fail"
         headline = ("Strict mode: the evaluation was flagged as unreliable, so this audit fails (exit code 3). "
-                    + (headline if gates else ""))
+                    + (headline if judged else ""))
     warnings: list[D.Inline] = []
     if flags:
         codes = ", ".join(sorted({str(f.get("code", "?")) for f in flags}))
         warnings.append(f"{len(flags)} evaluation sanity flag{'s' if len(flags) != 1 else ''} raised ({codes}): "
                         "the robust accuracies may be overestimated (see 'Evaluation sanity checks').")
     return D.Verdict(status, headline, lines, tiles, warnings)
+
+
+def default_verdict_text(dv: DefaultVerdict) -> str:
+    """How much of the teacher's robustness the student kept, against the default verdict's threshold:
+    ``the student kept 41% of the teacher's robustness at 0.1 (advisory: below 90%)`` (``enforced``
+    instead of ``advisory`` when it decides the exit code)."""
+    r = radius_label(dv.radius) if dv.radius is not None else "the largest radius"
+    threshold = f"{100 * dv.threshold:.0f}%" if dv.threshold is not None else "the threshold"
+    kind = "enforced" if dv.enforced else "advisory"
+    if dv.kept is None:
+        return f"the teacher is robust on no sample at {r}, so there is no robustness to keep ({kind})"
+    if dv.passed:
+        status = f"at least {threshold}"
+    elif dv.threshold is not None and dv.kept < dv.threshold:
+        status = f"below {threshold}"
+    else:
+        status = f"not shown to reach {threshold} with 95% confidence"
+        if dv.gate is not None and dv.gate.samples_needed:
+            status += f"; about {dv.gate.samples_needed} samples would decide it"
+    return f"the student kept {100 * dv.kept:.0f}% of the teacher's robustness at {r} ({kind}: {status})"
 
 
 # ----------------------------------------------------------------------------- robust accuracy
@@ -140,8 +171,9 @@ def robust_section(res: Results, names: dict[str, str]) -> list[D.Block]:
     if res.transfer:
         blocks.append(D.Heading(3, "Transfer of robustness", "transfer"))
         blocks.append(D.Table(_transfer_frame(res),
-                              "ratio: student / teacher worst-case robust accuracy; lost / gained: share of samples robust for "
-                              "one model but not the other (95% intervals)."))
+                              "ratio: student / teacher worst-case robust accuracy; lost: samples robust for the teacher but not "
+                              "the student (count, share of all samples with its 95% interval, share of the teacher-robust "
+                              "ones); gained: share of samples robust for the student but not the teacher (95% interval)."))
     return blocks
 
 
@@ -160,7 +192,8 @@ def _accuracy_frame(res: Results, names: dict[str, str]) -> Any:
 
 
 def _transfer_frame(res: Results) -> Any:
-    rows = [{"radius": radius_label(r), "ratio": ratio_ci(tr.ratio), "lost": pct_ci(tr.lost), "gained": pct_ci(tr.gained)}
+    rows = [{"radius": radius_label(r), "ratio": ratio_ci(tr.ratio),
+             "lost": lost_text(tr.lost, tr.lost_of_teacher_robust, interval=True), "gained": pct_ci(tr.gained)}
             for r, tr in zip(res.radii, res.transfer)]
     return frame(rows, ["radius", "ratio", "lost", "gained"])
 

@@ -240,10 +240,14 @@ def _segments(x: Sequence[float], *cols: Sequence[float | None]) -> list[list[tu
 
 
 def bar_chart(categories: Sequence[str], groups: Sequence[BarGroup], *, title: str = "", ylabel: str = "",
-              yfmt: str = "{:g}", width: int = 640, height: int = 320, log: bool = False, desc: str = "") -> str:
+              yfmt: str = "{:g}", width: int = 640, height: int = 320, log: bool = False, desc: str = "",
+              value_labels: bool = True, label_fmt: str = "{:.3g}", tick_max: float | None = None) -> str:
     """Grouped bars (one colour per group) with optional error whiskers; returns ``<svg>``.
 
-    ``log`` uses a log10 y axis (non-positive values are drawn as missing).
+    ``log`` uses a log10 y axis (non-positive values are drawn as missing). The y axis leaves headroom
+    above the tallest bar (or whisker) and, with ``value_labels``, each bar carries its value
+    (``label_fmt``) above it (turned upright when the bars are too narrow for the text). ``tick_max`` hides
+    y ticks above it (an accuracy axis keeps its headroom without a 120% tick).
     """
     vals = []
     for g in groups:
@@ -252,22 +256,28 @@ def bar_chart(categories: Sequence[str], groups: Sequence[BarGroup], *, title: s
                 e = float(g.err[j]) if g.err is not None and _finite(g.err[j]) else 0.0
                 vals.append(float(v) + e)
                 vals.append(float(v))
+    n = max(len(categories), 1)
+    plot_w = width - 62 - 16
+    bw = plot_w / n * 0.8 / max(len(groups), 1)
+    texts = [label_fmt.format(float(v)) for g in groups for v in g.values if _finite(v)] if value_labels else []
+    upright = bool(texts) and max(len(t) for t in texts) * 6.2 + 2 > bw * 0.92
+    room = (0.22 if upright else 0.12) if texts else 0.06  # share of the axis left free above the tallest bar
     if log:
         pos = [v for v in vals if v > 0]
         lo_e = math.floor(math.log10(min(pos)) - 0.1) if pos else -3
-        hi_e = math.ceil(math.log10(max(pos))) if pos else 0
-        if hi_e == lo_e:
-            hi_e += 1
-        ylim = (float(lo_e), float(hi_e))
-        yt = [(float(k), f"1e{k}") for k in range(lo_e, hi_e + 1)]
+        top_e = math.log10(max(pos)) if pos else 0.0
+        top = max(top_e + room / (1 - room) * (top_e - lo_e), float(math.ceil(top_e)), lo_e + 1.0)
+        ylim = (float(lo_e), top)
+        yt = [(float(k), f"1e{k}") for k in range(lo_e, math.floor(top + 1e-9) + 1)]
     else:
         top = max(vals) if vals else 1.0
         bot = min(0.0, min(vals) if vals else 0.0)
         if top <= bot:
             top = bot + 1.0
+        top = top + room / (1 - room) * (top - bot)
         ticks = nice_ticks(bot, top)
         ylim = (min(ticks[0], bot), max(ticks[-1], top))
-        yt = [(t, yfmt.format(t)) for t in ticks]
+        yt = [(t, yfmt.format(t)) for t in ticks if tick_max is None or t <= tick_max + 1e-9]
 
     def tr(v: float) -> float:
         return math.log10(v) if log else v
@@ -276,7 +286,6 @@ def bar_chart(categories: Sequence[str], groups: Sequence[BarGroup], *, title: s
     _, legend_h = _legend(entries, 56, 0, width - 72)
     total_h = height + int(legend_h)
     bottom = 48 + int(legend_h) + 6
-    n = max(len(categories), 1)
     f = _Frame(width, total_h, 62, 16, 30, bottom, (0.0, float(n)), ylim)
     out = _open(width, total_h, title, desc)
     out += _axes(f, [(j + 0.5, c) for j, c in enumerate(categories)], yt, "", ylabel, total_h)
@@ -293,17 +302,32 @@ def bar_chart(categories: Sequence[str], groups: Sequence[BarGroup], *, title: s
             tip = f"{g.name} / {categories[j]}: {yfmt.format(float(v))}"
             out.append(f'<rect x="{_fmt(x)}" y="{_fmt(top)}" width="{_fmt(bw * 0.92)}" height="{_fmt(h)}" fill="{color}">'
                        f"<title>{esc_svg(tip)}</title></rect>")
+            cx = x + bw * 0.46
+            label_y = top if y <= base else top + h
             if g.err is not None and _finite(g.err[j]) and float(g.err[j]) > 0:
                 e = float(g.err[j])
                 lo_v, hi_v = float(v) - e, float(v) + e
                 if log and lo_v <= 0:
                     lo_v = 10 ** ylim[0]
-                cx = x + bw * 0.46
                 y_lo, y_hi = f.py(tr(lo_v)), f.py(tr(hi_v))
                 out.append(f'<line x1="{_fmt(cx)}" y1="{_fmt(y_lo)}" x2="{_fmt(cx)}" y2="{_fmt(y_hi)}" stroke="#222222" stroke-width="1.2"/>')
                 for yy in (y_lo, y_hi):
                     out.append(f'<line x1="{_fmt(cx - 4)}" y1="{_fmt(yy)}" x2="{_fmt(cx + 4)}" y2="{_fmt(yy)}" stroke="#222222" stroke-width="1.2"/>')
+                label_y = min(label_y, y_hi) if y <= base else max(label_y, y_lo)
+            if value_labels:
+                out.append(_bar_label(label_fmt.format(float(v)), cx, label_y, below=y > base, upright=upright))
     legend, _ = _legend(entries, f.x0, f.y0 + 40, width - f.x0 - 16)
     out += legend
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _bar_label(text: str, cx: float, y: float, *, below: bool, upright: bool) -> str:
+    """A bar's value written just above its top (below it for a negative bar); ``upright``: read bottom-up."""
+    if upright:
+        yy = y + 4 if below else y - 4
+        anchor = "end" if below else "start"
+        return (f'<text class="bar-value" x="{_fmt(cx + 3.5)}" y="{_fmt(yy)}" text-anchor="{anchor}" font-size="10" fill="#222222" '
+                f'transform="rotate(-90 {_fmt(cx + 3.5)} {_fmt(yy)})">{esc_svg(text)}</text>')
+    yy = y + 12 if below else y - 4
+    return f'<text class="bar-value" x="{_fmt(cx)}" y="{_fmt(yy)}" text-anchor="middle" font-size="10" fill="#222222">{esc_svg(text)}</text>'

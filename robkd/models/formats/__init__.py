@@ -5,6 +5,7 @@
 * ``safetensors``: a plain safetensors state_dict (needs ``arch``) -- :mod:`.checkpoint`;
 * ``torchscript``: a ``torch.jit.save`` archive -- :mod:`.torchscript`;
 * ``export``: a ``torch.export`` program (``.pt2`` archive) -- :mod:`.export`;
+* ``onnx``: an ONNX model, converted with onnx2torch (optional ``onnx`` extra) -- :mod:`.onnx_file`;
 * ``torch``: a ``torch.save`` state_dict (``weights_only=True``; needs ``arch``), or a pickled
   ``nn.Module`` (only with ``allow_pickle=True``: pickle runs code) -- :mod:`.torch_save`.
 
@@ -22,6 +23,7 @@ from torch import nn
 from robkd.models.formats.checkpoint import load_robkd, load_safetensors
 from robkd.models.formats.detect import detect_format
 from robkd.models.formats.export import load_export
+from robkd.models.formats.onnx_file import load_onnx
 from robkd.models.formats.torch_save import load_torch
 from robkd.models.formats.torchscript import load_torchscript
 from robkd.types import ModelMeta
@@ -33,6 +35,7 @@ LOADERS: dict[str, Loader] = {
     "safetensors": load_safetensors,
     "torchscript": load_torchscript,
     "export": load_export,
+    "onnx": load_onnx,
     "torch": load_torch,
 }
 

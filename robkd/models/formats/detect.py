@@ -11,7 +11,7 @@ from robkd.models.safetensors_header import read_header
 
 
 def detect_format(path: str | Path) -> str:
-    """Return one of ``robkd``, ``safetensors``, ``torchscript``, ``export``, ``torch``.
+    """Return one of ``robkd``, ``safetensors``, ``torchscript``, ``export``, ``onnx``, ``torch``.
 
     ``torch`` covers every ``torch.save`` file (state_dict or pickled module).
     Raises :class:`ModelLoadError` for missing, empty or unrecognised files.
@@ -35,8 +35,15 @@ def detect_format(path: str | Path) -> str:
             return "robkd" if "robkd" in meta else "safetensors"
     if head[:1] == b"\x80" or head[:2] == b"\x8a\x0a":  # legacy (non-zip) torch.save pickle
         return "torch"
+    if head[:1] == b"\x08":  # protobuf field 1 (ir_version): an ONNX ModelProto
+        from robkd.models.formats.onnx_file import INSTALL_HINT, looks_like_onnx, onnx_available
+
+        if not onnx_available():
+            raise ModelLoadError(f"{p} looks like an ONNX model; {INSTALL_HINT}")
+        if looks_like_onnx(p):
+            return "onnx"
     raise ModelLoadError(
-        f"unknown model format: {p} (expected a robkd/safetensors checkpoint, TorchScript, torch.export .pt2, or torch.save file)"
+        f"unknown model format: {p} (expected a robkd/safetensors checkpoint, TorchScript, torch.export .pt2, ONNX, or torch.save file)"
     )
 
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 from robkd.report.schema.access import (
     CertRow,
     Certification,
+    DefaultVerdict,
     Estimate,
     GateVerdict,
     ModelBlock,
+    PerClass,
     Prop2Row,
     RadiusRow,
     Results,
@@ -44,7 +46,7 @@ from robkd.report.schema.validation import (
 
 __all__ = [
     "KINDS", "NORMS", "RESULTS_FILE", "ROLES", "SAMPLES_FILE", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS",
-    "CertRow", "Certification", "Estimate", "GateVerdict", "ModelBlock", "Prop2Row", "RadiusRow", "Results",
+    "CertRow", "Certification", "DefaultVerdict", "Estimate", "GateVerdict", "ModelBlock", "PerClass", "Prop2Row", "RadiusRow", "Results",
     "ResultsError", "TrainingLog", "TransferRow", "check_schema", "find_radius", "load_results", "number",
     "validate_results",
 ]

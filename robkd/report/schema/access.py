@@ -131,6 +131,35 @@ class Certification:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerClass:
+    """A model block's ``per_class`` counts: per label in ``classes``, ``n`` samples, ``clean_correct`` and
+    ``robust[i]`` (robust at the ``i``-th radius) counts. Read only when every list has the right length."""
+
+    classes: list[int]
+    n: list[int]
+    clean_correct: list[int]
+    robust: list[list[int]]
+
+    @classmethod
+    def read(cls, p: Any, n_radii: int) -> PerClass | None:
+        d = _dict(p)
+
+        def ints(v: Any) -> list[int] | None:
+            if not isinstance(v, list) or any(_int(x) is None for x in v):
+                return None
+            return [int(x) for x in v]
+
+        classes, n, clean = ints(d.get("classes")), ints(d.get("n")), ints(d.get("clean_correct"))
+        rob = d.get("robust")
+        robust = [ints(r) for r in rob] if isinstance(rob, list) else []
+        if classes is None or n is None or clean is None or not classes or len(robust) != n_radii:
+            return None
+        if any(len(x) != len(classes) for x in [n, clean, *[r or [] for r in robust]]):
+            return None
+        return cls(classes, n, clean, [list(r or []) for r in robust])
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelBlock:
     """``teacher`` / ``student``: ``info`` is the provenance object (``model``); ``rejected_adversarials``
     maps ``attack@radius`` to a count."""
@@ -141,6 +170,7 @@ class ModelBlock:
     certification: Certification | None
     rejected_adversarials: dict[str, Any]
     timings: dict[str, Any]
+    per_class: PerClass | None = None
 
     @classmethod
     def read(cls, m: dict[str, Any]) -> ModelBlock:
@@ -149,7 +179,7 @@ class ModelBlock:
         cert = m.get("certification")
         return cls(_dict(m.get("model")), Estimate.read(m.get("clean")), rows,
                    Certification.read(cert) if isinstance(cert, dict) else None,
-                   _dict(m.get("rejected_adversarials")), _dict(m.get("timings")))
+                   _dict(m.get("rejected_adversarials")), _dict(m.get("timings")), PerClass.read(m.get("per_class"), len(rows)))
 
     def row(self, i: int) -> RadiusRow:
         """Figures at the ``i``-th radius (empty when absent)."""
@@ -158,16 +188,19 @@ class ModelBlock:
 
 @dataclasses.dataclass(frozen=True)
 class TransferRow:
-    """``transfer[i]``: ``ratio`` (None when not recorded), ``lost`` and ``gained`` (shares of all samples)."""
+    """``transfer[i]``: ``ratio`` (None when not recorded), ``lost`` and ``gained`` (shares of all samples);
+    ``lost_of_teacher_robust``: the lost samples' share of the teacher-robust ones (None when not recorded)."""
 
     ratio: Estimate | None
     lost: Estimate
     gained: Estimate
+    lost_of_teacher_robust: float | None = None
 
     @classmethod
     def read(cls, t: dict[str, Any]) -> TransferRow:
         ratio = t.get("ratio")
-        return cls(None if ratio is None else Estimate.read(ratio), Estimate.read(t.get("lost")), Estimate.read(t.get("gained")))
+        return cls(None if ratio is None else Estimate.read(ratio), Estimate.read(t.get("lost")), Estimate.read(t.get("gained")),
+                   number(_dict(t.get("lost")).get("of_teacher_robust")))
 
     def metric(self, name: str) -> Estimate:
         """``ratio``, ``lost`` or ``gained`` by name (an empty estimate for another name or no ratio)."""
@@ -177,15 +210,42 @@ class TransferRow:
 
 @dataclasses.dataclass(frozen=True)
 class GateVerdict:
-    """``gates[i]``."""
+    """``gates[i]``: ``short_by`` (point estimates), ``bound_short_by`` (95% bounds) and ``samples_needed``
+    are None when not recorded (results of earlier versions) or not applicable."""
 
     text: str
     passed: bool
     reason: str
+    short_by: float | None = None
+    bound_short_by: float | None = None
+    samples_needed: int | None = None
 
     @classmethod
     def read(cls, g: dict[str, Any]) -> GateVerdict:
-        return cls(str(g.get("gate", "?")), bool(g.get("passed")), str(g.get("reason", "")))
+        return cls(str(g.get("gate", "?")), bool(g.get("passed")), str(g.get("reason", "")),
+                   number(g.get("short_by")), number(g.get("bound_short_by")), _int(g.get("samples_needed")))
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultVerdict:
+    """``default_verdict``: robustness kept (student / teacher worst case) at the largest radius against
+    ``threshold``, judged like the gate ``expr`` (``gate``); ``enforced``: it decides the exit code."""
+
+    expr: str
+    radius: float | None
+    threshold: float | None
+    kept: float | None
+    passed: bool | None
+    enforced: bool
+    gate: GateVerdict | None
+
+    @classmethod
+    def read(cls, d: dict[str, Any]) -> DefaultVerdict:
+        passed = d.get("passed")
+        gate = d.get("gate")
+        return cls(str(d.get("expr", "")), number(d.get("radius")), number(d.get("threshold")), number(d.get("kept")),
+                   passed if isinstance(passed, bool) else None, d.get("enforced") is True,
+                   GateVerdict.read(gate) if isinstance(gate, dict) else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +354,12 @@ class Results:
     @property
     def gates(self) -> list[GateVerdict]:
         return [GateVerdict.read(g) for g in _dicts(self.raw.get("gates"))]
+
+    @property
+    def default_verdict(self) -> DefaultVerdict | None:
+        """The default transfer verdict (None in results written before it existed)."""
+        d = self.raw.get("default_verdict")
+        return DefaultVerdict.read(d) if isinstance(d, dict) else None
 
     @property
     def strict(self) -> bool:

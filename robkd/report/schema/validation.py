@@ -216,12 +216,23 @@ def _model(n_radii: int) -> Check:
         if _field(d, "status", p, _str) == "ok":
             _field(d, "per_radius", p, _list(_cert_row, length=n_radii))
 
+    def per_class(v: Any, p: str) -> None:
+        d = _obj(v, p)
+        c = len(_field(d, "classes", p, _list(_count)))
+        for key in ("n", "clean_correct"):
+            if len(_field(d, key, p, _list(_count))) != c:
+                raise _Bad(_at(p, key), f"expected {c} entries (one per class)")
+        for i, row in enumerate(_field(d, "robust", p, _list(_list(_count), length=n_radii))):
+            if len(row) != c:
+                raise _Bad(_at(_at(p, "robust"), i), f"expected {c} entries (one per class)")
+
     def check(v: Any, p: str) -> None:
         d = _obj(v, p)
         _field(d, "model", p, _obj, required=False)
         _field(d, "clean", p, _proportion)
         _field(d, "per_radius", p, _list(_radius_row, length=n_radii))
         _field(d, "certification", p, _opt(certification), required=False)
+        _field(d, "per_class", p, _opt(per_class), required=False)
 
     return check
 
@@ -238,6 +249,27 @@ def _gate(v: Any, p: str) -> None:
     _field(d, "gate", p, _str)
     _field(d, "passed", p, _bool)
     _field(d, "reason", p, _str)
+    for key in ("short_by", "bound_short_by"):
+        _field(d, key, p, _opt(_number()), required=False)
+    _field(d, "samples_needed", p, _opt(_count), required=False)
+
+
+def _default_verdict(v: Any, p: str) -> None:
+    """``default_verdict``: the transfer verdict judged without a gate (absent in results of earlier versions)."""
+    d = _obj(v, p)
+    _field(d, "expr", p, _str)
+    _field(d, "radius", p, _non_negative)
+    _field(d, "threshold", p, _non_negative)
+    _field(d, "kept", p, _opt(_non_negative))
+    _field(d, "passed", p, _opt(_bool))
+    _field(d, "enforced", p, _bool)
+    _field(d, "gate", p, _opt(_gate))
+
+
+def _rejudged(v: Any, p: str) -> None:
+    d = _obj(v, p)
+    _field(d, "command", p, _opt(_list(_str)))
+    _field(d, "created", p, _str, required=False)
 
 
 def _sanity(v: Any, p: str) -> None:
@@ -302,6 +334,8 @@ def _result(v: Any, p: str, *, nested: bool) -> None:
     _field(d, "sanity", p, _sanity)
     _field(d, "gates", p, _list(_gate))
     _field(d, "gates_passed", p, _bool, required=False)
+    _field(d, "default_verdict", p, _opt(_default_verdict), required=False)
+    _field(d, "rejudged", p, _rejudged, required=False)
     _field(d, "exit_code", p, _count, required=False)
     _field(d, "resumed", p, _list(_str), required=False)
     if nested:
