@@ -86,3 +86,33 @@ def test_sanity_n_zero_saves_only_the_cheap_checks(trained_cnn, trained_mlp, tmp
     audit(trained_cnn, trained_mlp, out_dir=out, **{**FAST, "sanity_n": 0})
     assert sorted(p.name for p in (out / "state").glob("sanity-*.json")) == [
         "sanity-student-cheap-checks.json", "sanity-teacher-cheap-checks.json"]
+
+
+def test_a_resumed_sanity_phase_calls_no_model(trained_cnn, trained_mlp, tmp_path):
+    """stages.sanity on a resumed state: not a single forward pass of either model (counted by hooks)."""
+    from robkd.auditing import stages
+    from robkd.auditing.config import AuditConfig
+    from robkd.auditing.plan import make_plan
+    from robkd.auditing.store import StateStore
+
+    cfg = AuditConfig(**{**FAST, "attacks": ["pgd-3"], "n": 32})
+    plan = make_plan(cfg, trained_cnn, trained_mlp)
+    suites = {r: plan.suite.run(plan.models[r], plan.x, plan.y, list(plan.radii)) for r in ROLES}
+    fresh = StateStore(tmp_path / "state", dict(plan.fingerprint))
+    fresh.open(resume=False)
+    calls = {"n": 0}
+    hooks = [plan.models[r].register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1)) for r in ROLES]
+    try:
+        first = stages.sanity(plan, suites, fresh)
+        assert calls["n"] > 0
+        calls["n"] = 0
+        resumed = StateStore(tmp_path / "state", dict(plan.fingerprint))
+        resumed.open(resume=True)
+        assert stages.sanity(plan, suites, resumed) == first and calls["n"] == 0
+        # the suite's outcomes are part of the key: another suite result recomputes the checks that read it
+        other = {**suites, "student": plan.suite.run(plan.models["student"], plan.x, plan.y, [0.01, 0.05])}
+        stages.sanity(plan, other, resumed)
+        assert calls["n"] > 0
+    finally:
+        for h in hooks:
+            h.remove()
