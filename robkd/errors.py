@@ -8,10 +8,10 @@ Exit codes of every ``robkd`` command (one table, shown by ``robkd --help`` and 
 
 ====  ===========================================================================================
 0     success; every gate passed (or no gate was given)
-1     a gate failed, and nothing else
+1     a gate failed (or the default verdict under ``--enforce-default-verdict``), and nothing else
 2     bad input or environment: flags, specs, gates, model or data files, a model that fails or
       returns malformed outputs, filesystem errors (read-only, disk full), out of memory, a locked
-      ``--out``; one line on stderr
+      ``--out``, a ``--time-limit`` reached (finished work kept for ``--resume``); one line on stderr
 3     sanity flags raised under ``--strict`` (results are still written)
 4     internal error: a bug in robkd (one line; ``--debug`` shows the traceback; please report it)
 130   interrupted (Ctrl-C)
@@ -29,10 +29,12 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = """exit codes:
   0    success; every gate passed (or no gate was given)
-  1    a gate failed, and nothing else
+  1    a gate failed (or the default verdict under --enforce-default-verdict),
+       and nothing else
   2    bad input or environment: flags, specs, gates, model or data files, a model that
        fails or returns malformed outputs, training that diverged, filesystem errors,
-       out of memory, an --out another run is writing (one line on stderr)
+       out of memory, an --out another run is writing, a --time-limit reached
+       (finished work kept for --resume); one line on stderr
   3    sanity flags under --strict (results are still written)
   4    internal error: a robkd bug (rerun with --debug and report it)
   130  interrupted
