@@ -1,5 +1,6 @@
 """Training and robust distillation: objectives (st, at, trades, kd, ard, fast-ard, kdiga,
-kdiga-ardc, kdiga-arda), the :class:`Trainer`, and the :func:`train` / :func:`repair` API.
+kdiga-ardc, kdiga-arda, rslad, iad, adaad, and the IGDM add-on), the :class:`Trainer`, the
+:func:`train` / :func:`repair` API and ``repair(method="auto")`` (:mod:`robkd.distill.auto`).
 
 Loss terms with their exact formulas live in :mod:`robkd.distill.losses`. A model's identity
 (``teacher_sha256`` in provenance and training state) is :func:`robkd.models.identity.model_sha256`.
