@@ -171,6 +171,13 @@ def test_auto_reaches_a_gate_the_short_kdiga_repair_misses(tmp_path):
     assert b == au.auto and b["chosen"] == "trial-1" and b["elapsed_s"] <= A.parse_budget(BUDGET)
     assert [t["method"] for t in b["trials"]] == ["kdiga", "adaad"]
     assert (tmp_path / "auto.audit" / "auto.md").read_text().count("| trial-") == 2
+    # the report shows the trial table and why the winner won
+    md = (tmp_path / "auto.audit" / "report.md").read_text()
+    section = md.split("## Choosing the repair (--method auto)", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| trial-") or line.startswith("| round")]
+    assert [r.split("|")[1].strip() for r in rows] == [t["unit"] for t in b["trials"]] + [r["unit"] for r in b["rounds"]]
+    assert sum("| yes |" in r for r in rows) == 1 and f"| {b['chosen']} |" in next(r for r in rows if "| yes |" in r)
+    assert f"Chosen: {b['chosen']} ({b['why']})" in md
     w_kd = kd.audit.metric("student.worst@0.1").point
     w_au = au.audit.metric("student.worst@0.1").point
     assert w_au > w_kd + 0.05

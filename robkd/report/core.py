@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from robkd.errors import OutputError, UsageError
 from robkd.report import doc as D
-from robkd.report import diagnostics, sections, summary
+from robkd.report import diagnostics, repair_auto, sections, summary
 from robkd.report.escape import esc_text
 from robkd.report.format import model_names
 from robkd.report.schema import RESULTS_FILE, SAMPLES_FILE, Results, check_schema
@@ -47,6 +47,7 @@ def build_blocks(result: dict[str, Any], samples: str | Path | None = None) -> t
     blocks += sections.certification_section(res, names)
     blocks += sections.llm_section(res, names)
     blocks += sections.linear_region_section(res, names)
+    blocks += repair_auto.auto_section(res)
     blocks += sections.training_section(res, names)
     if not res.is_repair:
         blocks += sections.before_after_section(res, names)
