@@ -5,7 +5,8 @@ Where things live: ``trace`` (torch.fx -> bound operators), ``ops`` / ``windows`
 per op family; windowed CROWN for convolutions), ``inputset`` (the ball, the box, concretization),
 ``graph`` (:class:`BoundedModel`: IBP / CROWN / alpha-CROWN propagation), ``compute``
 (:func:`compute_bounds`, :func:`margin_matrix`), ``certification`` (:func:`certify`,
-:func:`certify_radii`), ``regions`` (linear regions: exact margins, :func:`affine_map`,
+:func:`certify_radii`), ``budget`` (``--budget``: per sample the tightest method that fits a time and memory
+cap), ``records`` (the certify.json result entry of every method), ``regions`` (linear regions: exact margins, :func:`affine_map`,
 :func:`linear_region_radius`), ``milp``, ``smoothing``, ``lirpa`` (optional auto_LiRPA backend),
 ``checks`` (argument checks shared by the entry points).
 

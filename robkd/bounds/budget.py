@@ -147,6 +147,7 @@ def certify_budget(
         raise UsageError("budget must be a Budget (see Budget.parse)")
     check_batch_size(batch_size)
     shape = batch_input_shape(x)
+    t0 = time.perf_counter()
     bm = BoundedModel(model, shape)
     bm.check("ibp")
     n = x.shape[0]
@@ -159,7 +160,6 @@ def certify_budget(
     if not crown_ok:
         for nt in notes:
             nt.append("crown: unsupported operators (IBP only)")
-    t0 = time.perf_counter()
     with torch.no_grad():
         K = int(model(x[:1].float()).shape[1])
     per_sample = estimate_bytes(bm, "crown-ibp" if crown_ok else "ibp", specs=max(1, K - 1))
@@ -171,7 +171,8 @@ def certify_budget(
                 nt.append(f"crown-ibp: needs about {_mb(per_sample)} > cap {_mb(cap)}")
             per_sample = estimate_bytes(bm, "ibp", specs=1)
         bs = max(1, min(batch_size, cap // max(1, per_sample)))
-    res = certify(model, x, y, eps, norm=norm, method=method, intermediate="ibp", batch_size=bs, region_stats=False)
+    res = certify(model, x, y, eps, norm=norm, method=method, intermediate="ibp", batch_size=bs, region_stats=False,
+                  bounded=bm)
     share = (time.perf_counter() - t0) / max(1, n)
     seconds = [share] * n
     status, decided = list(res.status), list(res.decided_by)

@@ -105,6 +105,7 @@ def certify(
     early_exit: bool = True,
     skip: torch.Tensor | None = None,
     region_stats: bool = True,
+    bounded: BoundedModel | None = None,
 ) -> CertifyResult:
     """Certify ``model`` on ``(x, y)`` at radius ``eps``: margins ``y - j`` are bounded directly (spec matrix C).
 
@@ -123,6 +124,8 @@ def certify(
     status ``skipped`` (never ``certified``).
     The model runs in eval mode (every module's mode restored afterwards).
 
+    ``bounded``: a :class:`BoundedModel` of ``model`` already built for this input shape (saves tracing again).
+
     ``linear_region`` (and exact answers) need every piecewise-linear operator decided on the ball: no
     unstable ReLU and, for max pooling (IBP only), every window's maximum the same element throughout.
     """
@@ -139,7 +142,7 @@ def certify(
         raise UsageError(f"y must be a (B,) label tensor matching x, got {getattr(y, 'shape', type(y))}")
     skip = _check_skip(skip, x.shape[0])
     t0 = time.perf_counter()
-    bm = BoundedModel(model, shape)
+    bm = bounded if bounded is not None and bounded.model is model and bounded.input_shape == shape else BoundedModel(model, shape)
     bm.check(method)
     y = y.to(x.device).long()
     with torch.no_grad():
