@@ -16,6 +16,9 @@ _EXPORTS = {
     "local_linearity_report": "robkd.analysis.llm",
     "prop2_terms": "robkd.analysis.prop2",
     "Prop2Result": "robkd.analysis.prop2",
+    "attack_self_test": "robkd.analysis.selftest",
+    "corrupt": "robkd.analysis.corruptions",
+    "corruption_accuracy": "robkd.analysis.corruptions.accuracy",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -58,12 +58,14 @@ def apgd_ascent(
     norm,
     eps: float,
     steps: int,
+    first_step: "float | None" = None,
 ) -> torch.Tensor:
     """Run ``steps`` APGD iterations maximising ``fn`` (per-sample ``(B,)``, differentiable) from ``start``.
 
     ``fn`` is called on every iterate (``steps + 1`` forward+backward passes); the
     caller records candidate values inside ``fn`` (see
-    :class:`robkd.analysis.llm.BestTracker`). Returns the best iterate per sample.
+    :class:`robkd.analysis.llm.BestTracker`). ``first_step``: the initial step size
+    (default ``2 * eps``). Returns the best iterate per sample.
     """
     eps_t = per_sample(eps, x)
     bshape = eps_t.shape
@@ -81,7 +83,7 @@ def apgd_ascent(
     best_x, best_f, best_g = z.clone(), f.clone(), g.clone()
     if steps <= 0:
         return best_x
-    eta = (2.0 * eps_t).expand(bshape).clone()
+    eta = (2.0 * eps_t if first_step is None else torch.full_like(eps_t, float(first_step))).clone()
     prev = z.clone()
     checkpoints = set(apgd_checkpoints(steps))
     last_cp, improved = 0, torch.zeros_like(f)
