@@ -43,12 +43,16 @@ class EventDisplay:
             if not self.stack or self.stack[-1][1] != key:
                 if self.stack and self.stack[-1][2]:
                     self._close()
-                task = self.progress.add_task(phase_label(info, self.prefix), total=max(int(info.get("total") or 0), 1),
-                                              rate="", unit="samples")
+                empty = not int(info.get("total") or 0)  # the cascade left this attack nothing to attack
+                label = phase_label(info, self.prefix) + ("  (no sample left to attack)" if empty else "")
+                task = self.progress.add_task(label, total=None if empty else int(info["total"]), rate="",
+                                              unit=None if empty else "samples")
                 self.stack.append((task, key, True))
             from robkd.utils.progress import rate_text
 
             total = int(info.get("total") or 0)
+            if not total:
+                return
             done = int(info.get("done", 0))
             secs = float(info.get("seconds", 0.0))
             self.progress.update(self.stack[-1][0], completed=done if total else 1, rate=rate_text(done, secs),

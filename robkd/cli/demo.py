@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     repair_over = {k: v for k, v in (("epochs", args.epochs), ("train_n", args.train_n)) if v}
     cmd = ["robkd", "demo"] + sys.argv[sys.argv.index("demo") + 1:] if "demo" in sys.argv else None
     res = run_demo(args.out, full=args.full, zoo_dir=args.zoo, data_dir=args.data_dir, audit_overrides=audit_over,
-                   repair_overrides=repair_over, command=cmd, show_progress=sys.stderr.isatty(),
+                   repair_overrides=repair_over, command=cmd, show_progress=True,  # bars or CI lines; off under --quiet
                    on_stage=lambda text: log.info("%s", text))
     b, a = res.before, res.after
     r = a["radii_text"][-1]

@@ -373,7 +373,7 @@ def repair(
     if audit and audit_before and student is not None:  # the pre-repair student, for the before/after comparison
         log.info("auditing the student before the repair")
         before = _run_audit(t, _load(student, "student", **dict(load_kwargs or {})) if from_scratch else s, data, data_dir,
-                            dict(akw), None)
+                            dict(akw), None, show_progress=show_progress)
     fit, blocks = None, []
     if auto_opts is not None:
         if max_steps is not None:
@@ -391,11 +391,14 @@ def repair(
                extra_prov={"student_init": init}, fit=fit)
     res.auto = blocks[0] if blocks else None
     if audit and res.log.finished:
-        res.audit = _audit(t, res.model, data, data_dir, res.log, audit_out, dict(akw), before, res.auto)
+        res.audit = _audit(t, res.model, data, data_dir, res.log, audit_out, dict(akw), before, res.auto,
+                           show_progress=show_progress)
     return res
 
 
-def _run_audit(teacher: Any, student: Any, data: Any, data_dir: Any, kw: dict[str, Any], out_dir: Any) -> Any:
+def _run_audit(teacher: Any, student: Any, data: Any, data_dir: Any, kw: dict[str, Any], out_dir: Any, *,
+               show_progress: bool = False) -> Any:
+    """The audit of a repair (``show_progress``: its phases as progress bars on a terminal, lines in CI)."""
     try:
         from robkd.auditing import audit as run_audit
     except ImportError as exc:
@@ -404,16 +407,22 @@ def _run_audit(teacher: Any, student: Any, data: Any, data_dir: Any, kw: dict[st
     kw.setdefault("data_dir", data_dir)
     if out_dir is not None:
         kw.setdefault("overwrite", True)
-    return run_audit(teacher, student, data=name, out_dir=out_dir, **kw)  # sharded under torchrun
+    if not show_progress or "on_event" in kw:
+        return run_audit(teacher, student, data=name, out_dir=out_dir, **kw)  # sharded under torchrun
+    from robkd.auditing.events import EventDisplay
+    from robkd.utils.progress import progress_bar
+
+    with progress_bar() as progress:
+        return run_audit(teacher, student, data=name, out_dir=out_dir, on_event=EventDisplay(progress), **kw)
 
 
 def _audit(teacher: Any, student: Any, data: Any, data_dir: Any, tlog: TrainLog, out_dir: Any, kw: dict[str, Any],
-           before: Any = None, auto: dict[str, Any] | None = None) -> Any:
+           before: Any = None, auto: dict[str, Any] | None = None, *, show_progress: bool = False) -> Any:
     """Audit (teacher, repaired student); with ``out_dir`` write results.json, the report and the training log.
 
     ``before`` (the audit of the student before the repair) goes into the result as ``before``.
     """
-    result = _run_audit(teacher, student, data, data_dir, kw, out_dir)
+    result = _run_audit(teacher, student, data, data_dir, kw, out_dir, show_progress=show_progress)
     from robkd.distributed import current
 
     if before is not None:

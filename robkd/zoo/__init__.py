@@ -195,9 +195,19 @@ def run_demo(out_dir: str | Path = "reports/demo", *, full: bool = False, zoo_di
     audit_kw = dict(settings, data_dir=data_dir)
     teacher, kd = _short(zoo["teacher"].path), _short(zoo["kd_student"].path)
 
+    def run_audit(t: Any, s: Any) -> Any:
+        """One audit of the demo, its phases shown as progress (bars on a terminal, lines in CI)."""
+        if not show_progress:
+            return audit(t, s, command=cmd, **audit_kw)
+        from robkd.auditing.events import EventDisplay
+        from robkd.utils.progress import progress_bar
+
+        with progress_bar() as progress:
+            return audit(t, s, command=cmd, on_event=EventDisplay(progress), **audit_kw)
+
     stage(f"1/3 auditing the teacher vs the KD student ({settings['n']} {settings['data']} test images, "
           f"{', '.join(settings['attacks'])} at {settings['eps']})")
-    before = audit(teacher, kd, command=cmd, **audit_kw).to_dict()
+    before = run_audit(teacher, kd).to_dict()
     paths = render(before, out / "before")
 
     training: dict[str, Any] | None
@@ -220,7 +230,7 @@ def run_demo(out_dir: str | Path = "reports/demo", *, full: bool = False, zoo_di
         training = res.log.to_dict()
 
     stage("3/3 re-auditing the teacher vs the repaired student")
-    after_result = audit(teacher, student_after, command=cmd, **audit_kw)
+    after_result = run_audit(teacher, student_after)
     after = after_result.to_dict()
     after_result.attach_before(before)
     combined = after_result.to_dict()
