@@ -89,8 +89,12 @@ def estimate(plan: AuditPlan, *, repeats: int = 2) -> AuditEstimate:
         s = _sanity_passes(cfg, len(radii))
         phases.append(PhaseCost(role, f"sanity checks ({min(cfg.sanity_n, n)} samples)", s, s * fb[role]))
     if cfg.llm:
-        passes = n * len(radii) * cfg.llm_steps * cfg.llm_restarts * 3
-        phases.append(PhaseCost("pair", f"prop2 / LLM ({cfg.llm_steps} steps x {cfg.llm_restarts})", passes,
+        from robkd.analysis.llm import RESTART_PLAN
+
+        # the LLM runs at least one cycle of its restart portfolio per model (more only where a run still gains)
+        runs = max(cfg.llm_restarts, len(RESTART_PLAN))
+        passes = n * len(radii) * cfg.llm_steps * runs * 3
+        phases.append(PhaseCost("pair", f"prop2 / LLM ({cfg.llm_steps} steps x {runs} runs)", passes,
                                 passes * (fb["teacher"] + fb["student"]) / 2))
     return AuditEstimate(plan=plan, phases=tuple(phases), pass_seconds=dict(fb))
 
