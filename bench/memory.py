@@ -10,11 +10,18 @@ numpy copies, Python objects). The figure is ``peak - baseline`` in MiB: the mem
 itself needed at its worst moment. Ratios compare contenders on identical
 inputs. The audit scaling figure runs ``robkd.auditing.audit`` (PGD-20 on teacher
 and student, with the local-linearity / Prop.-2 terms, which use per-sample
-input gradients) at two sample counts with the same batch size; if the audit
-holds at most one batch of per-sample gradients per model, the extra peak per
-extra sample stays at the few input-sized tensors an audit must keep per sample
-(x, the adversarial example, per-sample results): the note gives it in units
-of one input image (784 float32 = 3 KiB).
+input gradients; no result cache) at two sample counts with the same batch size
+and gives the extra peak per extra sample in units of one input image (784
+float32 = 3 KiB). An audit must hold ``x`` (one unit); the adversarial examples
+stream to a file and the per-sample results are a few bytes each. Each worker
+runs the same audit three times and reports the first run ("cold") and the
+smaller of the two later ones ("warm"): the cold run also fills library caches
+whose size does not depend on the number of samples but on how many distinct
+batch shapes were seen (oneDNN keeps one compiled kernel per convolution shape,
+and PGD's early exit shrinks a batch step by step, so a run with more batches
+meets more shapes, until every batch size has been seen); the warm runs measure
+what the audit itself holds. The target is judged on the warm figure; the cold
+one is in the note.
 """
 
 from __future__ import annotations
@@ -93,22 +100,32 @@ def _worker(task: str, args: dict) -> dict:
         from robkd.auditing import audit
 
         student = _load(args["student"])
-        fn = lambda: audit(teacher, student, data="fashion-mnist-slice", n=int(args["n"]), eps=[0.05, 0.1],  # noqa: E731
-                           attacks=["pgd-20"], llm=True, batch_size=int(args["batch"]), llm_steps=5)
+
+        def fn() -> None:
+            audit(teacher, student, data="fashion-mnist-slice", n=int(args["n"]), eps=[0.05, 0.1],
+                  attacks=["pgd-20"], llm=True, batch_size=int(args["batch"]), llm_steps=5)
     else:
         raise SystemExit(f"unknown task {task}")
     import gc
 
-    gc.collect()
-    reset = _reset_peak()
-    base = _rss_mib()
-    fn()
-    peak = _peak_mib()
-    return {"baseline_mib": base, "peak_mib": peak, "delta_mib": peak - base, "peak_reset": reset}
+    runs = []
+    for _ in range(int(args.get("runs", 1))):  # the same workload again: the later runs find the caches warm
+        gc.collect()
+        reset = _reset_peak()
+        base = _rss_mib()
+        fn()
+        peak = _peak_mib()
+        runs.append({"baseline_mib": base, "peak_mib": peak, "delta_mib": peak - base, "peak_reset": reset})
+    out = dict(runs[0])
+    if len(runs) > 1:
+        out["cold_delta_mib"] = runs[0]["delta_mib"]
+        out["warm_delta_mib"] = min(r["delta_mib"] for r in runs[1:])
+        out["runs"] = runs
+    return out
 
 
 def _spawn(task: str, args: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.get("threads", 1)), ROBKD_NO_PROGRESS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.get("threads", 1)), ROBKD_NO_PROGRESS="1", ROBKD_NO_CACHE="1")
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-m", "bench.memory", task, json.dumps(args)], capture_output=True,
                          text=True, cwd=root, env=env, timeout=600)
@@ -141,25 +158,30 @@ def run(cfg: Config) -> list[Row]:
         n1, n2, b = (64, 256, 32) if cfg.quick else (200, 1000, 100)
         acase = f"robkd audit (PGD-20 + LLM/Prop.2, 2 radii), batch {b}, n={n1} vs n={n2}"
         try:
-            a1 = _spawn("audit", dict(base, n=n1, batch=b))
-            a2 = _spawn("audit", dict(base, n=n2, batch=b))
+            a1 = _spawn("audit", dict(base, n=n1, batch=b, runs=3))
+            a2 = _spawn("audit", dict(base, n=n2, batch=b, runs=3))
         except Exception as exc:  # robkd.auditing still in progress: report, keep the PGD rows
             rows.append(Row(FAMILY, acase, "FAILED", None, check=str(exc)[-400:], check_ok=False))
             return rows
-        per_sample = (a2["delta_mib"] - a1["delta_mib"]) * 2**20 / (n2 - n1)
-        units = per_sample / (784 * 4)
+        unit = 784 * 4
+
+        def slope(key: str) -> float:
+            return (a2[key] - a1[key]) * 2**20 / (n2 - n1) / unit
+
+        units, cold = slope("warm_delta_mib"), slope("cold_delta_mib")
         one_batch_grads = b * 784 * 4 / 2**20
-        target = "<= 8"
-        resolution = "" if abs(a2["delta_mib"] - a1["delta_mib"]) >= 2.0 else (
-            " The two peaks differ by less than 2 MiB, about the resolution of RSS (allocator arenas): "
+        target = "<= 2"
+        resolution = "" if abs(a2["warm_delta_mib"] - a1["warm_delta_mib"]) >= 2.0 else (
+            " The two warm peaks differ by less than 2 MiB, about the resolution of RSS (allocator arenas): "
             "the per-sample figure is within noise.")
         rows.append(Row(FAMILY, acase,
-                        "extra peak RSS per extra sample, in input-image units", units, target,
+                        "extra peak RSS per extra sample, in input-image units (warm)", units, target,
                         judge(units, target), check="", check_ok=None, note=(
-                            f"peak rise {a1['delta_mib']:.1f} MiB at n={n1}, {a2['delta_mib']:.1f} MiB at n={n2}; "
-                            f"one batch of per-sample input gradients is {one_batch_grads:.2f} MiB per model; "
-                            "holding every sample's gradients for both models would add >= 2 units per sample "
-                            "on top of x and x_adv." + resolution)))
+                            f"warm peak rise {a1['warm_delta_mib']:.1f} MiB at n={n1}, {a2['warm_delta_mib']:.1f} MiB "
+                            f"at n={n2}; cold (first run, library caches filling) {a1['cold_delta_mib']:.1f} and "
+                            f"{a2['cold_delta_mib']:.1f} MiB, {cold:.1f} units per sample; x itself is 1 unit; "
+                            f"one batch of per-sample input gradients is {one_batch_grads:.2f} MiB per model."
+                            + resolution)))
     return rows
 
 

@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-FAMILIES = ["pgd", "curve", "autoattack", "distill", "bounds", "memory", "cli"]
+FAMILIES = ["pgd", "curve", "autoattack", "distill", "bounds", "memory", "cli", "cache"]
 
 log = logging.getLogger("bench")
 
@@ -72,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", default=None, metavar="JSON",
                     help="do not measure: re-render the markdown from a previous run's JSON (e.g. after editing "
                          "bench/FINDINGS.md)")
+    ap.add_argument("--splice-into", default=None, metavar="JSON",
+                    help="measure the --only families, then put their rows in place of that family's rows in a "
+                         "previous run's JSON (recorded as environment.<family>_rerun) and render --out from it")
+    ap.add_argument("--why", default="", help="with --splice-into: why the families were re-run (shown in the report)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("ROBKD_NO_PROGRESS", "1")
+    os.environ.setdefault("ROBKD_NO_CACHE", "1")  # every audit computes its models (the cache family passes cache=DIR)
 
     if args.from_json:
         return _rerender(Path(args.from_json), Path(args.out))
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
     env["load_after"] = list(os.getloadavg())
     env["family_seconds"] = {k: round(v, 1) for k, v in durations.items()}
+    if args.splice_into:
+        return _splice(Path(args.splice_into), Path(args.out), env, rows, docs, args.why)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = render(env, rows, docs, _findings())
@@ -133,6 +140,39 @@ FINDINGS = Path(__file__).resolve().parent / "FINDINGS.md"
 def _findings() -> str:
     """The hand-written analysis (bench/FINDINGS.md), appended under the targets table when present."""
     return FINDINGS.read_text(encoding="utf-8") if FINDINGS.exists() else ""
+
+
+def _splice(src: Path, out: Path, env: dict, rows: list, docs: dict[str, str], why: str) -> int:
+    """Replace the re-run families' rows (in place, same order as the new run) in the stored run ``src``;
+    record each as ``environment.<family>_rerun``; write the JSON back and render ``out`` from it."""
+    from bench.report import render
+    from robkd.utils.io import atomic_write_text
+
+    data = json.loads(src.read_text(encoding="utf-8"))
+    fams = list(dict.fromkeys(r.family for r in rows))
+    old = data["rows"]
+    merged: list[dict] = []
+    for r in old:
+        if r["family"] in fams:
+            if not any(m["family"] == r["family"] for m in merged if m.get("_new")):
+                merged += [dict(n.to_dict(), _new=True) for n in rows if n.family == r["family"]]
+            continue
+        merged.append(r)
+    merged += [n.to_dict() for n in rows if n.family not in {r["family"] for r in old}]
+    data["rows"] = [{k: v for k, v in r.items() if k != "_new"} for r in merged]
+    for fam in fams:
+        data["environment"][f"{fam}_rerun"] = {
+            "date": env["date"], "git_commit": env["git_commit"], "git_dirty_bench": env["git_dirty_bench"],
+            "robkd_uncommitted": env["robkd_uncommitted"], "load_before": env["load_before"],
+            "load_after": env["load_after"], "family_seconds": {fam: env["family_seconds"].get(fam)},
+            "command": env["command"], "why": why}
+        data.setdefault("docs", {})[fam] = docs.get(fam, "")
+    from bench.common import Row
+
+    atomic_write_text(src, json.dumps(data, indent=1))
+    atomic_write_text(out, render(data["environment"], [Row(**r) for r in data["rows"]], data.get("docs", {}), _findings()))
+    log.info("spliced %s into %s and rendered %s", ", ".join(fams), src, out)
+    return 1 if any(r.check_ok is False for r in rows) else 0
 
 
 def _rerender(src: Path, out: Path) -> int:

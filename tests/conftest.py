@@ -10,6 +10,7 @@ import torch
 from helpers import train_plain
 
 os.environ.setdefault("ROBKD_NO_PROGRESS", "1")
+os.environ.setdefault("ROBKD_NO_CACHE", "1")  # audits compute every model (tests of the result cache pass cache=DIR)
 
 
 @pytest.fixture(autouse=True)

@@ -70,6 +70,7 @@ def projected_gradient_ascent(
     x_adv = random_start_point(x, norm, eps_t, random_start, generator)
     best = x_adv.clone() if return_best else None
     best_loss = None
+    neg_eps = -eps_t
 
     def _loss(z: torch.Tensor) -> torch.Tensor:
         loss = loss_fn(z)
@@ -92,8 +93,11 @@ def projected_gradient_ascent(
                 better = lv > best_loss
                 best_loss = torch.where(better, lv, best_loss)
                 best[better] = x_adv[better]
-        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        x_adv = project(x_adv + alpha * ascent_direction(grad, norm), x, norm, eps_t)
+        if norm is Norm.LINF:
+            x_adv = _linf_step(x_adv, grad, x, alpha, neg_eps, eps_t)
+        else:
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            x_adv = project(x_adv + alpha * ascent_direction(grad, norm), x, norm, eps_t)
 
     if not return_best:
         return x_adv.detach()
@@ -104,6 +108,18 @@ def projected_gradient_ascent(
     better = lv > best_loss
     best[better] = x_adv[better]
     return best.detach()
+
+
+def _linf_step(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, neg_eps: torch.Tensor,
+               eps: torch.Tensor) -> torch.Tensor:
+    """One Linf step, ``project(x_adv + alpha * sign(nan_to_num(grad)), x, Linf, eps)``: the same operations in
+    the same order, so the same bits, in one new tensor (the rest in place, on it and on ``grad`` when that is
+    a dense buffer of its own) instead of one per operation. ``x_adv``, which ``loss_fn`` saw, is left as it
+    is. A non-finite gradient entry gives no move there."""
+    d = grad.nan_to_num_(0.0, 0.0, 0.0) if grad.is_contiguous() else torch.nan_to_num(grad, 0.0, 0.0, 0.0)
+    d.sign_()
+    # x + clamp((x_adv + alpha*d) - x, -eps, eps), clamped to [0,1]; alpha*d is exact (d in {-1, 0, 1})
+    return torch.addcmul(x_adv, d, alpha).sub_(x).clamp_(neg_eps, eps).add_(x).clamp_(0.0, 1.0)
 
 
 class PGD(Attack):

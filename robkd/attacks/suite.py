@@ -23,14 +23,18 @@ Semantics (AutoAttack-style worst case):
 Resume: pass the previous :class:`SuiteResult` (or its :meth:`~SuiteResult.to_tensors`
 dict) as ``state``; finished (attack, radius) pairs are skipped, and
 ``on_checkpoint(result)`` is called after each pair so the caller can persist it.
+
+Memory: attacks that batch through the base class run one batch of the still-robust samples at a
+time (the same batches they would cut themselves), so no attack holds a copy of the whole set; with
+``spill`` the kept adversarial examples live in a file (:mod:`robkd.utils.spill`), so the run holds
+only per-sample flags in memory besides ``x``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -42,177 +46,13 @@ from robkd.utils.modules import model_device
 from robkd.attacks.registry import make_attack
 from robkd.utils.logits import correct
 from robkd.errors import UsageError
+from robkd.attacks.suite_result import CLEAN_WRONG, ROBUST, SuiteResult, data_fingerprint, respill, spilled_copy, spills
 from robkd.types import Norm, format_radius
+from robkd.utils.spill import put_rows
+
+__all__ = ["CLEAN_WRONG", "ROBUST", "Suite", "SuiteResult"]
 
 logger = logging.getLogger("robkd.attacks")
-
-#: broken_by code of a sample that is robust at that radius
-ROBUST = -1
-#: broken_by code of a sample misclassified without any perturbation
-CLEAN_WRONG = -2
-
-
-def _fingerprint(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> list[float]:
-    """A cheap content fingerprint of the evaluation set (detects resuming on other data).
-
-    Accumulated in float64 over row chunks, so it never holds a float64 copy of the whole set.
-    """
-    n = x.shape[0]
-    d = x[0].numel() if n else 0
-    w = torch.arange(1, d + 1, dtype=torch.float64, device=x.device) / max(d, 1)
-    ws = torch.arange(1, n + 1, dtype=torch.float64, device=x.device) / max(n, 1)
-    total = weighted = rows = 0.0
-    for s in range(0, n, chunk):
-        xd = x[s : s + chunk].detach().flatten(1).double()
-        row_sums = xd.sum(1)
-        total += float(row_sums.sum())
-        weighted += float((xd @ w).sum())
-        rows += float((row_sums * ws[s : s + chunk]).sum())
-    yd = y.detach().double()
-    return [float(n), total, weighted, rows, float(yd.sum()), float((yd * ws.to(yd.device)).sum())]
-
-
-@dataclasses.dataclass
-class SuiteResult:
-    """Per-sample outcome of a :class:`Suite` run.
-
-    ``broken_by[r, i]`` is the index into ``attacks`` of the first attack in
-    execution order that broke sample ``i`` at ``radii[r]`` (or at a smaller radius,
-    whose perturbation is valid at ``radii[r]`` too),
-    ``-1`` when robust, ``-2`` when misclassified clean. ``x_adv[i]`` is the
-    verified adversarial example found at the smallest radius ``adv_radius[i]``
-    (``x`` itself and NaN for samples never broken). ``order`` is the execution
-    order; ``rejected`` counts claimed examples that failed the re-check, per
-    ``"attack@radius"``; ``seconds`` is the attack time per attack.
-    """
-
-    attacks: list[str]
-    order: list[str]
-    radii: list[float]
-    norm: Norm
-    clean_correct: torch.Tensor
-    broken_by: torch.Tensor
-    x_adv: torch.Tensor
-    adv_radius: torch.Tensor
-    done: set[tuple[str, float]] = dataclasses.field(default_factory=set)
-    rejected: dict[str, int] = dataclasses.field(default_factory=dict)
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    fingerprint: list[float] = dataclasses.field(default_factory=list)
-
-    @property
-    def n(self) -> int:
-        """Number of samples."""
-        return int(self.clean_correct.shape[0])
-
-    @property
-    def robust(self) -> torch.Tensor:
-        """``(R, N)`` bool: robust against every attack of the suite (worst case)."""
-        return self.broken_by == ROBUST
-
-    @property
-    def robust_after(self) -> dict[str, torch.Tensor]:
-        """``attack -> (R, N)`` bool: worst case over the attacks run up to and including it (execution order)."""
-        out: dict[str, torch.Tensor] = {}
-        seen: list[int] = []
-        for name in self.order:
-            seen.append(self.attacks.index(name))
-            broken = torch.zeros_like(self.broken_by, dtype=torch.bool)
-            for k in seen:
-                broken |= self.broken_by == k
-            out[name] = self.clean_correct.unsqueeze(0) & ~broken
-        return out
-
-    @property
-    def complete(self) -> bool:
-        """Whether every (attack, radius) pair has run."""
-        return all((a, r) in self.done for a in self.attacks for r in self.radii)
-
-    def clean_accuracy(self) -> float:
-        """Fraction of samples classified correctly without perturbation."""
-        return float(self.clean_correct.float().mean()) if self.n else float("nan")
-
-    def robust_accuracy(self) -> list[float]:
-        """Worst-case robust accuracy per radius (ascending radii)."""
-        return [float(v) for v in self.robust.float().mean(1)] if self.n else [float("nan")] * len(self.radii)
-
-    def robust_accuracy_after(self, attack: str) -> list[float]:
-        """Robust accuracy per radius after ``attack`` in the cascade."""
-        if attack not in self.attacks:
-            raise UsageError(f"attack {attack!r} is not in this suite ({self.attacks})")
-        return [float(v) for v in self.robust_after[attack].float().mean(1)]
-
-    def broken_count(self, attack: str) -> list[int]:
-        """Samples attributed to ``attack`` per radius (first breaker, inherited breaks included)."""
-        k = self.attacks.index(attack)
-        return [int(v) for v in (self.broken_by == k).sum(1)]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary (no per-sample tensors)."""
-        return {
-            "attacks": list(self.attacks),
-            "order": list(self.order),
-            "norm": self.norm.value,
-            "radii": list(self.radii),
-            "radii_text": [format_radius(r) for r in self.radii],
-            "n": self.n,
-            "clean_accuracy": self.clean_accuracy(),
-            "robust_accuracy": self.robust_accuracy(),
-            "robust_accuracy_after": {a: self.robust_accuracy_after(a) for a in self.order},
-            "broken_by_attack": {a: self.broken_count(a) for a in self.attacks},
-            "rejected": dict(self.rejected),
-            "seconds": dict(self.seconds),
-            "complete": self.complete,
-        }
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything as a flat ``str -> Tensor`` dict (safetensors / ``torch.save``-able) for resume."""
-        meta = {
-            "attacks": self.attacks,
-            "order": self.order,
-            "radii": self.radii,
-            "norm": self.norm.value,
-            "done": sorted([a, r] for a, r in self.done),
-            "rejected": self.rejected,
-            "seconds": self.seconds,
-            "fingerprint": self.fingerprint,
-        }
-        blob = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-        return {
-            "meta_json": blob,
-            "clean_correct": self.clean_correct.detach().cpu().contiguous(),
-            "broken_by": self.broken_by.detach().cpu().contiguous(),
-            "x_adv": self.x_adv.detach().cpu().contiguous(),
-            "adv_radius": self.adv_radius.detach().cpu().contiguous(),
-        }
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SuiteResult":
-        """Inverse of :meth:`to_tensors`; a malformed dict raises :class:`UsageError`."""
-        need = {"meta_json", "clean_correct", "broken_by", "x_adv", "adv_radius"}
-        if not isinstance(tensors, dict) or not need <= set(tensors):
-            raise UsageError(f"not a suite state: expected keys {sorted(need)}")
-        try:
-            meta = json.loads(bytes(tensors["meta_json"].to(torch.uint8).tolist()).decode("utf-8"))
-            result = cls(
-                attacks=list(meta["attacks"]),
-                order=list(meta["order"]),
-                radii=[float(r) for r in meta["radii"]],
-                norm=Norm.parse(meta["norm"]),
-                clean_correct=tensors["clean_correct"].bool(),
-                broken_by=tensors["broken_by"].long(),
-                x_adv=tensors["x_adv"],
-                adv_radius=tensors["adv_radius"],
-                done={(str(a), float(r)) for a, r in meta["done"]},
-                rejected={str(k): int(v) for k, v in meta.get("rejected", {}).items()},
-                seconds={str(k): float(v) for k, v in meta.get("seconds", {}).items()},
-                fingerprint=[float(v) for v in meta.get("fingerprint", [])],
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise UsageError(f"corrupt suite state: {exc}") from exc
-        n, r = result.clean_correct.shape[0], len(result.radii)
-        if result.broken_by.shape != (r, n) or result.adv_radius.shape != (n,) or result.x_adv.shape[0] != n:
-            raise UsageError("corrupt suite state: tensor shapes do not match")
-        return result
 
 
 class Suite:
@@ -289,6 +129,7 @@ class Suite:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         on_checkpoint: Callable[[SuiteResult], None] | None = None,
         sample_ids: torch.Tensor | None = None,
+        spill: "str | os.PathLike[str] | bool | None" = None,
     ) -> SuiteResult:
         """Evaluate ``model`` on ``(x, y)`` at every radius; returns the per-sample :class:`SuiteResult`.
 
@@ -298,6 +139,8 @@ class Suite:
         the per-sample random streams: a sample attacked as row ``j`` of a shard with
         ``sample_ids[j] = i`` gets the random starts it gets as row ``i`` of the whole
         set (pyautoattack components keep their own batch-wise RNG).
+        ``spill``: keep ``x_adv`` in a file (a path: that file, kept for resume; True: an anonymous temporary
+        file) instead of in memory (only on Linux: elsewhere it stays in memory); the results are the same.
         """
         check_inputs(model, x, y)
         ids = check_sample_ids(sample_ids, x.shape[0])
@@ -305,7 +148,7 @@ class Suite:
         n = x.shape[0]
         if n == 0:
             raise UsageError("the evaluation set is empty")
-        fp = _fingerprint(x, y)
+        fp = data_fingerprint(x, y)
         if state is not None:
             result = self._restore(state, radii_l, fp)
         else:
@@ -314,9 +157,12 @@ class Suite:
             broken_by[:, ~clean] = CLEAN_WRONG
             result = SuiteResult(
                 attacks=list(self.attacks), order=list(self.order), radii=radii_l, norm=self.norm,
-                clean_correct=clean, broken_by=broken_by, x_adv=x.detach().cpu().clone(),
+                clean_correct=clean, broken_by=broken_by,
+                x_adv=spilled_copy(x, spill) if spills(spill) else x.detach().cpu().clone(),
                 adv_radius=torch.full((n,), float("nan")), fingerprint=fp,
             )
+        if state is not None and spills(spill):
+            respill(result, x, spill)
         from robkd.utils.progress import progress_bar, rate_text
 
         bar_ctx = progress_bar() if self.progress else _null_progress()
@@ -351,25 +197,33 @@ class Suite:
         if total == 0:
             on_batch(0)
         else:
-            idx_dev = idx.to(x.device)
-            xs, ys = x[idx_dev], y[idx_dev]
             attack = self._attack_for(k, eps, ri)
-            out = attack.run(model, xs, ys, on_batch=on_batch, sample_ids=ids[idx])
-            ok = verify_adversarial(model, xs, out.x_adv, ys, self.norm, eps).cpu()
-            claimed = out.success.cpu()
-            bad = int((claimed & ~ok).sum())
+            # an attack that batches through the base class gets its own batches one at a time (identical
+            # results, no copy of the whole set); one that batches itself (pyautoattack) gets them all at once
+            step = attack.batch_size if attack.base_batching else total
+            bad = 0
+            for s in range(0, total, step):
+                part = idx[s : s + step]
+                idx_dev = part.to(x.device)
+                xs, ys = x[idx_dev], y[idx_dev]
+                out = attack.run(model, xs, ys, on_batch=on_batch, sample_ids=ids[part])
+                ok = verify_adversarial(model, xs, out.x_adv, ys, self.norm, eps).cpu()
+                claimed = out.success.cpu()
+                bad += int((claimed & ~ok).sum())
+                hit = claimed & ok
+                hit_idx = part[hit]
+                if hit_idx.numel():
+                    later = result.broken_by[ri:, hit_idx]
+                    result.broken_by[ri:, hit_idx] = torch.where(later == ROBUST, torch.full_like(later, k), later)
+                    put_rows(result.x_adv, hit_idx,
+                             out.x_adv[hit.to(out.x_adv.device)].detach().cpu().to(result.x_adv.dtype))
+                    result.adv_radius[hit_idx] = float(eps)
+                del xs, ys, out
             if bad:
                 result.rejected[f"{name}@{eps!r}"] = result.rejected.get(f"{name}@{eps!r}", 0) + bad
                 logger.warning("%s at radius %s: %d claimed adversarial example(s) failed the re-check "
                                "(outside the ball or [0,1], or correctly classified) and were not counted",
                                name, format_radius(eps), bad)
-            hit = claimed & ok
-            hit_idx = idx[hit]
-            if hit_idx.numel():
-                later = result.broken_by[ri:, hit_idx]
-                result.broken_by[ri:, hit_idx] = torch.where(later == ROBUST, torch.full_like(later, k), later)
-                result.x_adv[hit_idx] = out.x_adv[hit.to(out.x_adv.device)].detach().cpu().to(result.x_adv.dtype)
-                result.adv_radius[hit_idx] = float(eps)
         result.seconds[name] = result.seconds.get(name, 0.0) + (time.perf_counter() - start)
         if bar is not None:
             bar.update(task, visible=False)

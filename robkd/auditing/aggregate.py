@@ -127,7 +127,7 @@ def model_block(plan: AuditPlan, outcome: ModelOutcome) -> tuple[dict[str, Any],
     }
     for a in sres.order:
         tensors[f"{role}.robust_after.{a}"] = robust_after[a].cpu().bool()
-    tensors[f"{role}.x_adv"] = sres.x_adv.detach().cpu().float()
+    tensors[f"{role}.x_adv"] = sres.x_adv.detach().cpu().float()  # spilled: stays in its file (robkd.utils.spill)
     tensors[f"{role}.adv_radius"] = sres.adv_radius.detach().cpu().double()
     tensors[f"{role}.adv_pred"] = adversarial_predictions(plan, outcome)
     block = {
@@ -168,7 +168,7 @@ def adversarial_predictions(plan: AuditPlan, outcome: ModelOutcome) -> torch.Ten
         with torch.no_grad():
             for s in range(0, rows.numel(), bs):
                 idx = rows[s : s + bs]
-                pred[idx] = predict(model(sres.x_adv[idx].to(plan.device, plan.x.dtype))).cpu().long()
+                pred[idx] = predict(model(sres.adv_rows(idx).to(plan.device, plan.x.dtype))).cpu().long()
     return pred
 
 

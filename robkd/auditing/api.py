@@ -26,6 +26,7 @@ from robkd.auditing import aggregate, stages
 from robkd.auditing.config import AuditConfig
 from robkd.auditing.judging import judge
 from robkd.auditing.plan import ROLES, AuditPlan, make_plan
+from robkd.auditing.reuse import Reuse, run_models
 from robkd.auditing.result import RESULTS_FILE, SAMPLES_FILE, AuditResult, ResultsError, gate_samples, lookup_metric
 from robkd.auditing.stages import EventFn, ModelOutcome
 from robkd.auditing.store import STATE_DIR, StateStore, audit_output, check_out_dir
@@ -169,9 +170,10 @@ def _compute(plan: AuditPlan, ctx: Any, out: Path | None, state: StateStore | No
         x_s, y_s = plan.x[pos_dev], plan.y[pos_dev]
     else:
         x_s, y_s = plan.x, plan.y
-    outcomes = {role: stages.run_model(plan, role, x_s, y_s, pos, state, event) for role in ROLES}
+    # identical models attacked once, cached blocks re-checked and reused (robkd.auditing.reuse)
+    outcomes, reuse = run_models(plan, x_s, y_s, pos, state, event, distributed=ctx.distributed)
     if not ctx.distributed:
-        return _finish(plan, outcomes, timings, t_start, event, command, out, state, distributed=None)
+        return _finish(plan, outcomes, timings, t_start, event, command, out, state, reuse, distributed=None)
 
     # ---- rank 0: gather the shards, then aggregate, analyses on the whole set, gates, results.json
     whole = _gather(outcomes, pos, plan.n, ctx)
@@ -179,7 +181,7 @@ def _compute(plan: AuditPlan, ctx: Any, out: Path | None, state: StateStore | No
 
     def finish_main() -> tuple[dict[str, Any], list[Any]]:
         dist = {**ctx.to_dict(), "sharding": "contiguous", "shard_state": f"{STATE_DIR}/rank<k>/"}
-        result = _finish(plan, whole, timings, t_start, event, command, out, state, distributed=dist)
+        result = _finish(plan, whole, timings, t_start, event, command, out, state, reuse, distributed=dist)
         holder["result"] = result
         return result.to_dict(), result.gates
 
@@ -199,12 +201,15 @@ def _gather(outcomes: dict[str, ModelOutcome], pos: torch.Tensor, n: int, ctx: A
 
 
 def _finish(plan: AuditPlan, outcomes: dict[str, ModelOutcome], timings: dict[str, Any], t_start: float,
-            event: EventFn, command: Sequence[str] | None, out: Path | None, state: StateStore | None, *,
-            distributed: dict[str, Any] | None) -> AuditResult:
+            event: EventFn, command: Sequence[str] | None, out: Path | None, state: StateStore | None,
+            reuse: Reuse, *, distributed: dict[str, Any] | None) -> AuditResult:
     """Whole-set analyses, aggregation, the gates and (with ``out``) the results files."""
     cfg = plan.cfg
     event("checkpoint", {"model": "both", "stage": "attacks"})  # every per-model stage is saved: --time-limit may stop here
-    non_finite = {role: stages.count_non_finite(plan, outcomes[role]) for role in ROLES}
+    non_finite: dict[str, Any] = {}
+    for role in ROLES:
+        twin = reuse.twin(role)
+        non_finite[role] = non_finite[twin] if twin is not None else stages.count_non_finite(plan, outcomes[role])
     prop2 = None
     if cfg.llm:
         t0 = time.perf_counter()
@@ -212,12 +217,14 @@ def _finish(plan: AuditPlan, outcomes: dict[str, ModelOutcome], timings: dict[st
         timings["llm_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     event("start", {"stage": "sanity checks (teacher and student)"})
-    flags = stages.sanity(plan, {role: outcomes[role].suite for role in ROLES}, state, event)
+    flags = stages.sanity(plan, {role: outcomes[role].suite for role in ROLES}, reuse.sanity_state(state), event)
     event("done", {})
     timings["sanity_s"] = time.perf_counter() - t0
     flags = flags + stages.non_finite_flags(non_finite)
     data, tensors = aggregate.results(plan, outcomes, non_finite, prop2, flags, timings, command=command,
                                       distributed=distributed)
+    for role in ROLES:  # where each block came from (docs/results-schema.md: <role>.cache)
+        data[role]["cache"] = dict(reuse.records[role])
     gate_results = [judge(g, lambda ref: lookup_metric(data, ref), on=cfg.gate_on, samples=gate_samples(data, tensors),
                           seed=cfg.seed) for g in plan.gates]
     data["gates"] = [r.to_dict() for r in gate_results]

@@ -46,6 +46,8 @@ class AuditConfig:
     strict: bool = False
     sanity_n: int = 40  # samples of the attack-based sanity checks (0: only the cheap checks; see --sanity-n)
     out: str | None = None
+    # result cache (robkd.auditing.cache): None the default directory (off under ROBKD_NO_CACHE=1), False off, or a directory
+    cache: bool | str | None = None
     # model loading (for files that do not describe themselves)
     arch: str | None = None
     teacher_arch: str | None = None
@@ -137,6 +139,10 @@ class AuditConfig:
         if self.img_size is not None:
             self.img_size = check_int(self.img_size, "img_size", 1, parse_text=True)
         self.device = check_text(self.device, "device")
+        if self.cache is not None and not isinstance(self.cache, bool):
+            if not isinstance(self.cache, (str, Path)):
+                raise UsageError(f"cache must be a directory, true or false, got {self.cache!r}")
+            self.cache = check_text(str(self.cache), "cache")
         for name in ("teacher", "student", "data_dir", "out", "arch", "teacher_arch", "student_arch"):
             val = getattr(self, name)
             if val is not None:

@@ -140,16 +140,17 @@ class AuditResult:
         """Write ``results.json`` and (``samples``) ``samples.safetensors`` into ``out_dir`` atomically; returns the
         json path. The result is first checked against the results schema (:class:`ResultsError` names the first
         bad key; nothing is written then), so every file written here is one the readers accept."""
-        from robkd.utils.io import atomic_write_bytes, atomic_write_json
+        from robkd.utils.io import atomic_write_json
 
         validate_results(self._data, "the result to write")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if samples and self.tensors:
-            from safetensors.torch import save
+            from robkd.utils.spill import write_safetensors
 
+            # streamed: a spilled tensor (x_adv) goes from its file to this one chunk by chunk
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
-            atomic_write_bytes(out / SAMPLES_FILE, save(tensors, metadata={"schema_version": SCHEMA_VERSION}))
+            write_safetensors(out / SAMPLES_FILE, tensors, metadata={"schema_version": SCHEMA_VERSION})
         atomic_write_json(out / RESULTS_FILE, self._data)
         return out / RESULTS_FILE
 

@@ -215,13 +215,16 @@ def run_suite(plan: AuditPlan, role: str, model: nn.Module, x: torch.Tensor, y: 
 
     def on_checkpoint(partial: SuiteResult) -> None:
         if state is not None:
-            state.save_tensors(f"suite-{role}", partial.to_tensors())
+            state.save_tensors(f"suite-{role}", partial.to_tensors(external_adv=True))
             event("checkpoint", {"model": role, "stage": "attacks"})
 
+    # the kept adversarial examples live in a file (state/suite-<role>.xadv, or an anonymous temporary
+    # file without --out), so the audit's memory does not grow with them (robkd.utils.spill)
+    spill = state.root / f"suite-{role}.xadv" if state is not None else True
     res = plan.suite.run(model, x, y, list(plan.radii), state=prior, on_progress=on_progress, on_checkpoint=on_checkpoint,
-                         sample_ids=sample_ids)
+                         sample_ids=sample_ids, spill=spill)
     if state is not None:
-        state.save_tensors(f"suite-{role}", res.to_tensors())
+        state.save_tensors(f"suite-{role}", res.to_tensors(external_adv=True))
     return res
 
 
@@ -319,7 +322,7 @@ def count_non_finite(plan: AuditPlan, outcome: ModelOutcome) -> NonFiniteCounts:
         bs = plan.cfg.batch_size
         with torch.no_grad():
             for s in range(0, rows.numel(), bs):
-                xb = sres.x_adv[rows[s : s + bs]].to(plan.device, plan.x.dtype)
+                xb = sres.adv_rows(rows[s : s + bs]).to(plan.device, plan.x.dtype)
                 adv += int((~finite_rows(model(xb)).cpu()).sum().item())
     return NonFiniteCounts(clean=clean, adversarial=adv)
 

@@ -212,7 +212,7 @@ class StateStore:
         if t is None:
             return None
         try:
-            return SuiteResult.from_tensors(t)
+            return SuiteResult.from_tensors(t, adv_dir=self.root)
         except RobkdError as exc:
             log.warning("ignoring unusable saved %s attack state (%s)", role, exc)
             return None

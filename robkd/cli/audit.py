@@ -76,6 +76,11 @@ def register(sub: "argparse._SubParsersAction") -> None:
     o.add_argument("--out", help="output directory for results.json and samples.safetensors")
     o.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out (finished work is not redone)")
     o.add_argument("--overwrite", action="store_true", help="replace an audit already in --out")
+    o.add_argument("--cache", metavar="DIR",
+                   help="result cache: a model's finished block (same weights, samples and settings) is taken from "
+                        "here and re-checked instead of attacked again (default $ROBKD_CACHE_DIR, else "
+                        "~/.cache/robkd/audit; see docs/results-schema.md, <role>.cache)")
+    o.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
     o.add_argument("--no-report", action="store_true", help="write results.json and samples only, no report.md/report.html")
     o.add_argument("--json", action="store_true", help="print results.json to stdout instead of the summary table")
     add_run_control_args(o, what="audit", checkpoint="after every (attack, radius) and analysis step")
@@ -154,7 +159,12 @@ def _config(args: argparse.Namespace) -> "AuditConfig":
     from robkd.auditing.config import AuditConfig
     from robkd.errors import UsageError
 
-    cfg = AuditConfig.from_spec(args.spec, preset=getattr(args, "preset", None), **_overrides(args))
+    overrides = _overrides(args)
+    if getattr(args, "no_cache", False):
+        if overrides.get("cache"):
+            raise UsageError("give --cache DIR or --no-cache, not both")
+        overrides["cache"] = False
+    cfg = AuditConfig.from_spec(args.spec, preset=getattr(args, "preset", None), **overrides)
     if not cfg.teacher or not cfg.student:
         raise UsageError("give TEACHER and STUDENT model files (or 'teacher'/'student' in --spec)")
     return cfg

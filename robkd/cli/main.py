@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "compare": "robkd.cli.compare",
     "demo": "robkd.cli.demo",
     "env": "robkd.cli.env",
+    "cache": "robkd.cli.cache",
 }
 
 DESCRIPTION = (

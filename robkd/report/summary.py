@@ -280,7 +280,25 @@ def provenance_section(res: Results) -> list[D.Block]:
     if resumed:
         blocks.append(D.Para(f"Resumed: {len(resumed)} (model, attack, radius) result(s) were taken from saved state: "
                              + ", ".join(resumed[:20]) + (" ..." if len(resumed) > 20 else ""), "muted"))
+    blocks += [D.Para(text, "muted") for text in reuse_lines(res)]
     return blocks
+
+
+def reuse_lines(res: Results) -> list[str]:
+    """One line per model whose figures this run did not compute (``<role>.cache``): taken from the result
+    cache, or from the identical other model of the pair."""
+    lines = []
+    for role in ("teacher", "student"):
+        rec = res.raw.get(role, {}).get("cache") if isinstance(res.raw.get(role), dict) else None
+        if not isinstance(rec, dict):
+            continue
+        when = f" (computed {rec['created']})" if rec.get("hit") and rec.get("created") else ""
+        if rec.get("same_as"):
+            lines.append(f"{role.capitalize()} figures are the {rec['same_as']}'s: identical model, attacked once"
+                         + (f"; reused from cache{when}" if rec.get("hit") else "") + ".")
+        elif rec.get("hit"):
+            lines.append(f"{role.capitalize()} figures reused from cache{when}, re-checked on this run.")
+    return lines
 
 
 def command_section(res: Results) -> list[D.Block]:

@@ -233,8 +233,18 @@ def _model(n_radii: int) -> Check:
         _field(d, "per_radius", p, _list(_radius_row, length=n_radii))
         _field(d, "certification", p, _opt(certification), required=False)
         _field(d, "per_class", p, _opt(per_class), required=False)
+        _field(d, "cache", p, _opt(_cache_record), required=False)
 
     return check
+
+
+def _cache_record(v: Any, p: str) -> None:
+    """``<role>.cache``: where the block came from (absent in results of earlier versions)."""
+    d = _obj(v, p)
+    _field(d, "hit", p, _bool)
+    _field(d, "key", p, _opt(_str), required=False)
+    _field(d, "created", p, _opt(_str), required=False)
+    _field(d, "same_as", p, _opt(_one_of(ROLES)), required=False)
 
 
 def _transfer_row(v: Any, p: str) -> None:
