@@ -282,6 +282,18 @@ def _robust_accuracy(model, x, y, spec, norm, eps, seed) -> float:
     return float((clean & ~ok.cpu()).float().mean())
 
 
+def large_radius_flags(acc: float, attack: str, norm: Norm, eps: float, name: str | None,
+                       max_accuracy: float) -> list[SanityFlag]:
+    """``large-radius-not-broken`` when ``acc`` (robust accuracy at a radius reaching every image) exceeds the limit."""
+    if acc > max_accuracy:
+        return [SanityFlag(
+            "large-radius-not-broken",
+            f"{attack} leaves {acc:.2%} robust accuracy at {norm.value} radius {eps:g}, where every image is reachable",
+            "the attack does not work on this model (gradient masking, or an unsuitable evaluation / loss); "
+            "the reported robust accuracies are not trustworthy", name, acc)]
+    return []
+
+
 def check_large_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "Norm | str", *,
                        eps: float | None = None, attack: str = "pgd-20", max_accuracy: float = 0.05,
                        name: str | None = None, seed: int = 0) -> list[SanityFlag]:
@@ -293,13 +305,7 @@ def check_large_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
     if eps is None:
         eps = 1.0 if norm is Norm.LINF else math.sqrt(x[0].numel())
     acc = _robust_accuracy(model, x, y, attack, norm, eps, seed)
-    if acc > max_accuracy:
-        return [SanityFlag(
-            "large-radius-not-broken",
-            f"{attack} leaves {acc:.2%} robust accuracy at {norm.value} radius {eps:g}, where every image is reachable",
-            "the attack does not work on this model (gradient masking, or an unsuitable evaluation / loss); "
-            "the reported robust accuracies are not trustworthy", name, acc)]
-    return []
+    return large_radius_flags(acc, attack, norm, eps, name, max_accuracy)
 
 
 def check_more_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "Norm | str", eps: float, *,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from robkd.analysis.sanity_checks import BLACK_BOX, HIDDEN_BLACK_BOX, SanityFlag, check_monotone
+from robkd.analysis.sanity_checks import BLACK_BOX, HIDDEN_BLACK_BOX, SanityFlag, check_monotone, large_radius_flags
 from robkd.attacks.suite import ROBUST
 from robkd.types import Norm, format_radius
 
@@ -126,13 +126,7 @@ def large_radius_from_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     broken = attack_rows(model, xs, ys, (~known).nonzero().flatten(), attack, norm, eps, seed=seed,
                          check="large radius", report=report)
     acc = float((~known & ~broken).float().mean()) if subset.numel() else 0.0
-    if acc > max_accuracy:
-        return [SanityFlag(
-            "large-radius-not-broken",
-            f"{attack} leaves {acc:.2%} robust accuracy at {norm.value} radius {eps:g}, where every image is reachable",
-            "the attack does not work on this model (gradient masking, or an unsuitable evaluation / loss); "
-            "the reported robust accuracies are not trustworthy", name, acc)]
-    return []
+    return large_radius_flags(acc, attack, norm, eps, name, max_accuracy)
 
 
 def more_steps_from_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: Any, subset: torch.Tensor,
