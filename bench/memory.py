@@ -102,7 +102,7 @@ def _worker(task: str, args: dict) -> dict:
         student = _load(args["student"])
 
         def fn() -> None:
-            audit(teacher, student, data="fashion-mnist-slice", n=int(args["n"]), eps=[0.05, 0.1],
+            audit(teacher, student, data="fashion-mnist-slice", split="train", n=int(args["n"]), eps=[0.05, 0.1],
                   attacks=["pgd-20"], llm=True, batch_size=int(args["batch"]), llm_steps=5)
     else:
         raise SystemExit(f"unknown task {task}")
@@ -155,8 +155,8 @@ def run(cfg: Config) -> list[Row]:
             rows.append(Row(FAMILY, case, f"peak RSS rise: {k[4:]} / robkd", r, note=(
                 f"robkd {res['pgd_robkd']['delta_mib']:.1f} MiB, {k[4:]} {res[k]['delta_mib']:.1f} MiB "
                 f"(the input batch itself is {act:.1f} MiB)")))
-        n1, n2, b = (64, 256, 32) if cfg.quick else (200, 1000, 100)
-        acase = f"robkd audit (PGD-20 + LLM/Prop.2, 2 radii), batch {b}, n={n1} vs n={n2}"
+        n1, n2, b = (64, 256, 32) if cfg.quick else (200, 2000, 100)
+        acase = f"robkd audit (PGD-20 + LLM/Prop.2, 2 radii), batch {b}, n={n1} vs n={n2} (slice train split)"
         try:
             a1 = _spawn("audit", dict(base, n=n1, batch=b, runs=3))
             a2 = _spawn("audit", dict(base, n=n2, batch=b, runs=3))

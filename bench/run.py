@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-FAMILIES = ["pgd", "curve", "autoattack", "distill", "bounds", "memory", "cli", "cache"]
+FAMILIES = ["pgd", "curve", "autoattack", "distill", "bounds", "memory", "cli", "cache", "certify"]
 
 log = logging.getLogger("bench")
 

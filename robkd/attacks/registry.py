@@ -12,6 +12,7 @@ from robkd.attacks.deepfool import DeepFool
 from robkd.attacks.fgsm import FGSM
 from robkd.attacks.mifgsm import MIFGSM
 from robkd.attacks.pgd import PGD
+from robkd.attacks.transfer import TRANSFER
 from robkd.errors import UsageError
 from robkd.types import Norm
 
@@ -34,7 +35,7 @@ def _count(spec: str, text: str | None, what: str, limit: int) -> int | None:
 
 #: every spec form, for help texts
 ATTACK_SPECS = ["fgsm", "pgd-<steps>", "pgd-<steps>x<restarts>", "mifgsm-<steps>", "deepfool", *AUTOATTACK_SPECS,
-                "<fgsm|pgd|mifgsm spec>-eot<n>"]
+                "<fgsm|pgd|mifgsm spec>-eot<n>", TRANSFER]
 
 
 def _build(cls: Callable[..., Attack], norm: Norm, eps: float, fixed: dict[str, Any], kw: dict[str, Any], spec: str) -> Attack:
@@ -89,6 +90,10 @@ def make_attack(spec: str, norm: "Norm | str", eps: float, **kw: Any) -> Attack:
         return _build(DeepFool, norm, eps, {}, kw, spec)
     if key in AUTOATTACK_SPECS:
         return _build(AutoAttackAdapter, norm, eps, {"spec": key}, kw, spec)
+    if key == TRANSFER:
+        raise UsageError(f"attack {spec!r} is not a stand-alone attack: it attacks a model with the adversarial examples "
+                         "found on the other model of an audited pair, so robkd audit runs it after both models' suites "
+                         "(robkd.attacks.transfer)")
     raise UsageError(f"unknown attack {spec!r}: use one of {', '.join(ATTACK_SPECS)}")
 
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from robkd.auditing import aggregate, stages
+from robkd.auditing import aggregate, robustness_stage, stages, transfer_stage
 from robkd.auditing.config import AuditConfig
 from robkd.auditing.judging import judge
 from robkd.auditing.plan import ROLES, AuditPlan, make_plan
@@ -189,6 +189,24 @@ def _compute(plan: AuditPlan, ctx: Any, out: Path | None, state: StateStore | No
     return holder["result"] if ctx.is_main else AuditResult(data, {}, gate_results)
 
 
+def _add_extra(data: dict[str, Any], tensors: dict[str, Any], plan: AuditPlan, transfers: Any,
+               own: dict[str, ModelOutcome], extra: dict[str, Any]) -> None:
+    """The records of the optional stages (transfer attack, self-test, corruptions) into the results and tensors
+    (docs/results-schema.md); the default verdict, judged before, does not read them."""
+    if transfers is not None:
+        data["cascade_order"] = [*plan.suite.order, "transfer"]  # the transfer attack runs last
+        data["transfer_attack"], t = transfer_stage.records(plan, transfers, own)
+        tensors.update(t)
+    for role, rec in extra.get("self_test", {}).items():
+        data[role]["self_test"] = rec
+    if "corruption" in extra:
+        records, ratios, t = extra["corruption"]
+        for role, rec in records.items():
+            data[role]["corruption"] = rec
+        data["corruption_transfer"] = ratios
+        tensors.update(t)
+
+
 def _gather(outcomes: dict[str, ModelOutcome], pos: torch.Tensor, n: int, ctx: Any) -> dict[str, ModelOutcome]:
     """Rank 0: every rank's per-model outcomes merged into whole-set outcomes (other ranks: {})."""
     from robkd.distributed import gather_to_main
@@ -206,10 +224,18 @@ def _finish(plan: AuditPlan, outcomes: dict[str, ModelOutcome], timings: dict[st
     """Whole-set analyses, aggregation, the gates and (with ``out``) the results files."""
     cfg = plan.cfg
     event("checkpoint", {"model": "both", "stage": "attacks"})  # every per-model stage is saved: --time-limit may stop here
+    own = outcomes  # each model's own suite: what the sanity checks judge
+    transfers = None
+    if transfer_stage.enabled(plan):  # needs both suites: whole set, after the gather (robkd.auditing.transfer_stage)
+        t0 = time.perf_counter()
+        transfers = transfer_stage.run(plan, own, event)
+        outcomes = transfer_stage.fold(plan, own, transfers)
+        timings["transfer_attack_s"] = time.perf_counter() - t0
     non_finite: dict[str, Any] = {}
     for role in ROLES:
         twin = reuse.twin(role)
-        non_finite[role] = non_finite[twin] if twin is not None else stages.count_non_finite(plan, outcomes[role])
+        non_finite[role] = (non_finite[twin] if twin is not None and transfers is None
+                            else stages.count_non_finite(plan, outcomes[role]))
     prop2 = None
     if cfg.llm:
         t0 = time.perf_counter()
@@ -217,12 +243,25 @@ def _finish(plan: AuditPlan, outcomes: dict[str, ModelOutcome], timings: dict[st
         timings["llm_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     event("start", {"stage": "sanity checks (teacher and student)"})
-    flags = stages.sanity(plan, {role: outcomes[role].suite for role in ROLES}, reuse.sanity_state(state), event)
+    flags = stages.sanity(plan, {role: own[role].suite for role in ROLES}, reuse.sanity_state(state), event)
     event("done", {})
     timings["sanity_s"] = time.perf_counter() - t0
     flags = flags + stages.non_finite_flags(non_finite)
+    extra: dict[str, Any] = {}
+    if transfers is not None:
+        flags = flags + transfer_stage.flags(plan, transfers)
+    if cfg.self_test:
+        t0 = time.perf_counter()
+        extra["self_test"] = robustness_stage.self_test(plan, event)
+        flags = flags + robustness_stage.self_test_flags(extra["self_test"])
+        timings["self_test_s"] = time.perf_counter() - t0
+    if cfg.corruptions:
+        t0 = time.perf_counter()
+        extra["corruption"] = robustness_stage.corruptions(plan, event)
+        timings["corruption_s"] = time.perf_counter() - t0
     data, tensors = aggregate.results(plan, outcomes, non_finite, prop2, flags, timings, command=command,
                                       distributed=distributed)
+    _add_extra(data, tensors, plan, transfers, own, extra)
     for role in ROLES:  # where each block came from (docs/results-schema.md: <role>.cache)
         data[role]["cache"] = dict(reuse.records[role])
     gate_results = [judge(g, lambda ref: lookup_metric(data, ref), on=cfg.gate_on, samples=gate_samples(data, tensors),

@@ -44,6 +44,10 @@ class AuditConfig:
     llm_steps: int = 20
     llm_restarts: int = 1  # random restarts of the local-linearity (and Prop-2 LHS) ascents
     strict: bool = False
+    self_test: bool = False  # the attack self-test (binarization test) of each gradient attack at the largest radius
+    self_test_n: int = 20  # samples of the attack self-test
+    corruptions: list[str] | None = None  # common corruptions to evaluate (["all"]: all 15); None: off
+    severities: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 5])  # corruption severities
     sanity_n: int = 40  # samples of the attack-based sanity checks (0: only the cheap checks; see --sanity-n)
     out: str | None = None
     # result cache (robkd.auditing.cache): None the default directory (off under ROBKD_NO_CACHE=1), False off, or a directory
@@ -97,6 +101,8 @@ class AuditConfig:
         self.llm_steps = check_int(self.llm_steps, "llm_steps", 1, parse_text=True)
         self.llm_restarts = check_int(self.llm_restarts, "llm_restarts", 1, parse_text=True)
         self.sanity_n = check_int(self.sanity_n, "sanity_n", 0, parse_text=True)
+        self.self_test_n = check_int(self.self_test_n, "self_test_n", 1, parse_text=True)
+        self._validate_corruptions()
         if self.eps is not None:
             if isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool):
                 self.eps = [self.eps]
@@ -123,7 +129,7 @@ class AuditConfig:
             self.certify = str(self.certify).lower()
             if self.certify not in CERTIFY_METHODS:
                 raise UsageError(f"unknown certify method {self.certify!r}: use one of {', '.join(CERTIFY_METHODS)}")
-        for name in ("llm", "strict", "allow_pickle", "download", "linear_region_radius", "enforce_default_verdict"):
+        for name in ("llm", "strict", "self_test", "allow_pickle", "download", "linear_region_radius", "enforce_default_verdict"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.linear_region_radius and self.certify is None:
@@ -148,6 +154,32 @@ class AuditConfig:
             if val is not None:
                 setattr(self, name, check_text(val, name))
         return self
+
+    def _validate_corruptions(self) -> None:
+        """``corruptions``: None (off), ``true``/``"all"`` (all 15) or names (checked against the registry by the
+        plan); ``severities``: integers in 1..5, ascending, no repeats."""
+        if self.corruptions is True:
+            self.corruptions = ["all"]
+        elif self.corruptions is False:
+            self.corruptions = None
+        if self.corruptions is not None:
+            names = [c.lower().replace("-", "_") for c in split_list(self.corruptions, "corruptions")]
+            if not names:
+                raise UsageError("corruptions: name at least one corruption, or all (e.g. --corruptions gaussian_noise,fog)")
+            if len(set(names)) != len(names):
+                raise UsageError(f"corruption listed twice in {names}")
+            if "all" in names and len(names) > 1:
+                raise UsageError("corruptions: 'all' cannot be combined with names")
+            self.corruptions = names
+        sev = self.severities
+        if isinstance(sev, (int, str)) and not isinstance(sev, bool):
+            sev = [s for s in str(sev).split(",") if s.strip()]
+        if not isinstance(sev, (list, tuple)) or not sev:
+            raise UsageError(f"severities must be a non-empty list of integers 1..5, got {self.severities!r}")
+        values = [check_int(v, "severity", 1, parse_text=True) for v in sev]
+        if any(v > 5 for v in values) or len(set(values)) != len(values):
+            raise UsageError(f"severities must be distinct integers 1..5, got {values}")
+        self.severities = sorted(values)
 
     def model_kwargs(self, role: str, path: str | Path | None = None) -> dict[str, Any]:
         """Keyword arguments for :func:`robkd.models.load_model` for ``role`` (teacher/student).

@@ -8,8 +8,11 @@ Grammar (one comparison per gate)::
     unary  := ("-" | "+") unary | atom
     atom   := NUMBER | REF | "(" expr ")"
     CMP    := ">=" | "<=" | ">" | "<"
-    REF    := ("teacher" | "student") "." ("clean" | ("worst" | "certified" | ATTACK) "@" RADIUS)
+    REF    := ("teacher" | "student") "." ("clean" | ("worst" | "certified" | ATTACK) "@" RADIUS
+                                         | "corruption" ["@" SEVERITY])
             | "transfer" "." ("ratio" | "lost" | "gained") "@" RADIUS
+    SEVERITY := 1 | 2 | 3 | 4 | 5 (``corruption@3``: mean accuracy over the corruptions at severity 3;
+            ``corruption``: mean over every corruption and severity evaluated; needs --corruptions)
     RADIUS := a number or a fraction, e.g. 8/255, 0.1
 
 How a gate is judged: :mod:`robkd.auditing.judging`. This module also holds the values a judgement
@@ -28,12 +31,12 @@ from robkd.types import format_radius, parse_radius
 
 MAX_GATE_CHARS = 500
 MAX_DEPTH = 40
-MODEL_KEYWORDS = ("clean", "worst", "certified")
+MODEL_KEYWORDS = ("clean", "worst", "certified", "corruption")
 TRANSFER_METRICS = ("ratio", "lost", "gained")
 
 _NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEYWORD = re.compile(r"(?:clean|worst|certified|ratio|lost|gained)(?![A-Za-z0-9_])")
+_KEYWORD = re.compile(r"(?:clean|worst|certified|corruption|ratio|lost|gained)(?![A-Za-z0-9_])")
 _ATTACK = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*")
 _RADIUS = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(?:/(?:\d+(?:\.\d*)?|\.\d+))?")
 
@@ -191,6 +194,11 @@ def _read_ref(text: str, start: int, ident: str) -> tuple[Ref, int]:
             raise GateError(f"gate {text!r}: expected a radius such as 8/255 or 0.1 after '@' at position {i}")
         radius = parse_radius(m.group())
         i = m.end()
+    if metric == "corruption":
+        if radius is not None and (radius != int(radius) or not 1 <= radius <= 5):
+            raise GateError(f"gate {text!r}: '{ident}.corruption@S' takes a corruption severity S in 1..5, "
+                            f"got {text[start:i].split('@', 1)[1]}")
+        return Ref(ident, metric, radius, text[start:i]), i
     if metric == "clean" and radius is not None:
         raise GateError(f"gate {text!r}: '{ident}.clean' takes no radius (clean accuracy does not depend on one)")
     if metric != "clean" and radius is None:
@@ -325,13 +333,22 @@ def _constant_value(node: Any, text: str) -> float | None:
     return value
 
 
-def validate_gate(gate: Gate, *, radii: Sequence[float], attacks: Sequence[str], certified: bool) -> None:
+def validate_gate(gate: Gate, *, radii: Sequence[float], attacks: Sequence[str], certified: bool,
+                  severities: Sequence[int] | None = None) -> None:
     """Check, before any model runs, that every constant is a finite number (no ``1/0``, no ``9e9999``) and
-    every reference names a measured metric at an audited radius."""
+    every reference names a measured metric at an audited radius (``severities``: the corruption severities
+    evaluated, None when corruptions are not)."""
     for side in (gate.lhs, gate.rhs):
         _constant_value(side, gate.text)
     shown = ", ".join(format_radius(r) for r in radii)
     for ref in gate.refs():
+        if ref.metric == "corruption":
+            if severities is None:
+                raise GateError(f"gate {gate.text!r}: {ref.text!r} needs the corruption evaluation (pass --corruptions)")
+            if ref.radius is not None and int(ref.radius) not in severities:
+                raise GateError(f"gate {gate.text!r}: severity {int(ref.radius)} in {ref.text!r} is not evaluated "
+                                f"(severities: {', '.join(str(s) for s in severities)})")
+            continue
         if ref.radius is not None and match_radius(ref.radius, radii) is None:
             raise GateError(
                 f"gate {gate.text!r}: radius {format_radius(ref.radius)} in {ref.text!r} is not audited (audited radii: {shown})"

@@ -74,7 +74,8 @@ def make_plan(cfg: AuditConfig, teacher: nn.Module | None = None, student: nn.Mo
     cfg, device, norm, radii, suite = _settings(cfg, ctx, data)
     gates = tuple(parse_gate(g) for g in cfg.gates)
     for g in gates:
-        validate_gate(g, radii=radii, attacks=cfg.attacks, certified=cfg.certify is not None)
+        validate_gate(g, radii=radii, attacks=cfg.attacks, certified=cfg.certify is not None,
+                      severities=cfg.severities if cfg.corruptions else None)
     ev = _load_data(cfg, data)  # data first: its shape and classes complete plain state_dicts' architectures
     models: dict[str, nn.Module] = {}
     model_info: dict[str, dict[str, Any]] = {}
@@ -98,6 +99,9 @@ def make_model_plan(cfg: AuditConfig, model: nn.Module | None = None, ctx: Any =
     """The plan of one model's evaluation (:func:`robkd.auditing.evaluation.evaluate`): the checks of
     :func:`make_plan` for a single model (``model``, else the file ``cfg.teacher``), keyed ``role``; no gates."""
     cfg, device, norm, radii, suite = _settings(cfg, ctx, data)
+    if "transfer" in cfg.attacks:
+        raise UsageError("the transfer attack attacks one model with the other's adversarial examples: it needs a "
+                         "teacher and a student (robkd.audit)")
     if cfg.gates:
         raise UsageError("gates compare a teacher and a student: robkd.evaluate takes none (use robkd.audit)")
     ev = _load_data(cfg, data)
@@ -125,7 +129,19 @@ def _settings(cfg: AuditConfig, ctx: Any, data: Any) -> tuple[AuditConfig, torch
             raise UsageError(f"no radius given for {what}: pass --eps (eps= in Python; e.g. 8/255 or 1/255,2/255,...,8/255)")
         cfg.eps = [float(info.default_eps)]
     radii = tuple(float(r) for r in cfg.eps)
-    suite = Suite(list(cfg.attacks), norm, seed=cfg.seed, batch_size=cfg.batch_size, progress=False)  # checks the names
+    from robkd.attacks.transfer import TRANSFER, own_attacks
+
+    own = own_attacks(cfg.attacks)  # transfer runs as a stage after both suites (robkd.auditing.transfer_stage)
+    if not own:
+        raise UsageError(f"the {TRANSFER} attack needs at least one attack of each model's own "
+                         f"(e.g. --attacks pgd-20,{TRANSFER})")
+    suite = Suite(own, norm, seed=cfg.seed, batch_size=cfg.batch_size, progress=False)  # checks the names
+    if cfg.corruptions:
+        from robkd.analysis.corruptions import check_name
+
+        for c in cfg.corruptions:
+            if c != "all":
+                check_name(c)
     return cfg, device, norm, radii, suite
 
 

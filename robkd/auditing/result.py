@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from robkd.auditing.gates import GateResult, Interval, Ref, parse_ref
+from robkd.auditing.corruption_metrics import corruption_metric, corruption_samples
 from robkd.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_SANITY, UsageError
 from robkd.report.schema import (
     RESULTS_FILE,
@@ -188,6 +189,8 @@ def _interval(e: Estimate) -> Interval | None:
 
 def lookup_metric(data: dict[str, Any], ref: Ref) -> Interval | None:
     """Resolve a gate reference against a results dict (None when undefined or absent)."""
+    if ref.metric == "corruption":
+        return corruption_metric(data, ref)
     res = Results(data)
     if ref.subject != "transfer" and ref.metric == "clean":
         return _interval(res.model(ref.subject).clean)
@@ -222,6 +225,8 @@ def gate_samples(data: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> C
         return t.detach().cpu().double().numpy()
 
     def fn(ref: Ref) -> tuple[Any, Any] | None:
+        if ref.metric == "corruption":
+            return corruption_samples(data, tensors, ref)
         if ref.subject != "transfer" and ref.metric == "clean":
             v = vec(f"{ref.subject}.clean_correct")
             return None if v is None else (v, None)

@@ -43,7 +43,7 @@ def key_material(plan: AuditPlan, role: str, data_hash: str) -> dict[str, Any]:
         "data": {"sha256": data_hash, "n": plan.n},
         "norm": plan.norm.value,
         "radii": list(plan.radii),
-        "attacks": list(cfg.attacks),
+        "attacks": list(plan.suite.attacks),  # the model's own suite: the transfer attack is never in its block
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,  # batch composition changes pyautoattack's random streams and float sums
         "certify": cfg.certify,
@@ -232,7 +232,7 @@ def recheck(plan: AuditPlan, role: str, o: ModelOutcome) -> str | None:
     from robkd.attacks import CLEAN_WRONG, ROBUST, verify_adversarial
 
     s, n = o.suite, plan.n
-    if s.attacks != list(plan.cfg.attacks) or s.radii != list(plan.radii) or s.norm is not plan.norm or not s.complete:
+    if s.attacks != list(plan.suite.attacks) or s.radii != list(plan.radii) or s.norm is not plan.norm or not s.complete:
         return "another suite (attacks, radii or norm) or an unfinished one"
     if o.clean_pred.shape != (n,) or s.n != n or tuple(s.x_adv.shape) != tuple(plan.x.shape):
         return f"shapes for {s.n} samples, not {n}"

@@ -406,13 +406,13 @@ def sanity(plan: AuditPlan, suites: Mapping[str, SuiteResult], state: StateStore
     from robkd.analysis.sanity import plan_checks
 
     send: EventFn = event or (lambda kind, info: None)
-    eot = _eot_covers(plan.cfg.attacks, plan.norm)
+    eot = _eot_covers(plan.suite.attacks, plan.norm)  # each model's own suite (not the transfer attack)
     flags = []
     for role in ROLES:
         checks = plan_checks(plan.models[role], plan.x, plan.y, result=suites[role], radii=list(plan.radii),
                              norm=plan.norm, name=role, seed=plan.cfg.seed, extra=plan.cfg.sanity_n > 0,
                              n=plan.cfg.sanity_n or 64,  # --sanity-n 0: the cheap checks keep 64 samples
-                             attacks=plan.cfg.attacks, num_classes=int(plan.data_info["num_classes"]))
+                             attacks=plan.suite.attacks, num_classes=int(plan.data_info["num_classes"]))
         for check in checks:
             for found in _sanity_unit(role, check, state, send):
                 d = dict(found)

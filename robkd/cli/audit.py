@@ -48,7 +48,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
     g.add_argument("--eps", help="radii in [0,1] pixel space, e.g. 0.05,0.1 or 1/255,2/255,...,8/255 (default: the dataset's usual radius)")
     g.add_argument("--norm", choices=["Linf", "L2", "linf", "l2"], help=f"threat-model norm (default {d.norm})")
     g.add_argument("--attacks", help=f"comma-separated attack suite in cascade order, e.g. fgsm,pgd-20,autoattack (default {','.join(d.attacks)}); "
-                        "a -eot<n> suffix (pgd-20-eot10) averages gradients over n passes for stochastic models")
+                        "a -eot<n> suffix (pgd-20-eot10) averages gradients over n passes for stochastic models; transfer attacks "
+                        "each model with the other's adversarial examples (after both suites, e.g. pgd-20,transfer)")
     g.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
     g.add_argument("--device", help=f"cpu, cuda, cuda:N or mps (default {d.device})")
     a = p.add_argument_group("analyses")
@@ -60,6 +61,15 @@ def register(sub: "argparse._SubParsersAction") -> None:
     a.add_argument("--linear-region-radius", action="store_true", default=None,
                    help="with --certify: also find, per sample, the largest radius inside one linear region "
                         "(bisection, about 14 bound passes per sample)")
+    a.add_argument("--self-test", action="store_true", default=None,
+                   help="also run the attack self-test (binarization test, Zimmermann et al. 2022) of each gradient attack "
+                        "at the largest radius; a success rate below 90%% raises a sanity flag")
+    a.add_argument("--self-test-n", type=int, metavar="N", help=f"samples of the attack self-test (default {d.self_test_n})")
+    a.add_argument("--corruptions", nargs="?", const="all", metavar="LIST",
+                   help="also measure accuracy under the common corruptions (Hendrycks and Dietterich): all 15 (no value) "
+                        "or a list, e.g. gaussian_noise,fog; gates: student.corruption@3, student.corruption")
+    a.add_argument("--severities", metavar="LIST",
+                   help="corruption severities, e.g. 3 or 1,3,5 (default 1,2,3,4,5)")
     o = p.add_argument_group("gates and output")
     o.add_argument("--gate", action="append", dest="gates", metavar="EXPR",
                    help='release gate, repeatable, e.g. "student.worst@8/255 >= 0.9*teacher.worst@8/255" (replaces the spec\'s gates)')

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from robkd.errors import OutputError, UsageError
 from robkd.report import doc as D
-from robkd.report import diagnostics, repair_auto, sections, summary
+from robkd.report import diagnostics, repair_auto, robustness_extra, sections, summary
 from robkd.report.escape import esc_text
 from robkd.report.format import model_names
 from robkd.report.schema import RESULTS_FILE, SAMPLES_FILE, Results, check_schema
@@ -42,6 +42,7 @@ def build_blocks(result: dict[str, Any], samples: str | Path | None = None) -> t
     if res.is_repair:  # the decision-maker's question first: did the repair work?
         blocks += sections.before_after_section(res, names)
     blocks += summary.robust_section(res, names)
+    blocks += robustness_extra.robustness_extra_sections(res, names)  # transfer attack, self-test, corruptions
     blocks += diagnostics.per_class_section(res, names)
     blocks += diagnostics.gallery_section(res, names, samples)
     blocks += sections.certification_section(res, names)

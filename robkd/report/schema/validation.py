@@ -234,8 +234,59 @@ def _model(n_radii: int) -> Check:
         _field(d, "certification", p, _opt(certification), required=False)
         _field(d, "per_class", p, _opt(per_class), required=False)
         _field(d, "cache", p, _opt(_cache_record), required=False)
+        _field(d, "self_test", p, _opt(_self_test), required=False)
+        _field(d, "corruption", p, _opt(_corruption), required=False)
 
     return check
+
+
+def _self_test(v: Any, p: str) -> None:
+    """``<role>.self_test`` (absent in results of earlier versions): per attack, found <= valid and the rate."""
+    d = _obj(v, p)
+    if _field(d, "status", p, _one_of(("ok", "not_applicable"))) != "ok":
+        _field(d, "reason", p, _str)
+        return
+    _field(d, "threshold", p, _unit)
+    for attack, entry in _field(d, "attacks", p, _obj).items():
+        q = _at(_at(p, "attacks"), attack)
+        e = _obj(entry, q)
+        found, valid = _field(e, "found", q, _count), _field(e, "valid", q, _count)
+        if found > valid:
+            raise _Bad(_at(q, "found"), f"found = {found} exceeds valid = {valid}")
+        _field(e, "rate", q, _opt(_unit))
+
+
+def _corruption(v: Any, p: str) -> None:
+    """``<role>.corruption`` (absent in results of earlier versions): accuracies per corruption and severity."""
+    d = _obj(v, p)
+    if _field(d, "status", p, _str) != "ok":
+        return
+    names = _field(d, "corruptions", p, _list(_str, non_empty=True))
+    sevs = [str(s) for s in _field(d, "severities", p, _list(_count, non_empty=True))]
+    per = _field(d, "per_corruption", p, _obj)
+    for name in names:
+        q = _at(_at(p, "per_corruption"), name)
+        rows = _field(_obj(per.get(name), q), "per_severity", q, _obj)
+        for s in sevs:
+            _proportion(rows.get(s), _at(_at(q, "per_severity"), s))
+    means = _field(d, "per_severity", p, _obj)
+    for s in sevs:
+        _proportion(means.get(s), _at(_at(p, "per_severity"), s))
+    _field(d, "mean", p, _proportion)
+
+
+def _transfer_attack(v: Any, p: str, n_radii: int) -> None:
+    """``transfer_attack`` (absent in results of earlier versions): per direction, one row per radius."""
+    d = _obj(v, p)
+    for key, entry in _field(d, "directions", p, _obj).items():
+        q = _at(_at(p, "directions"), key)
+        e = _obj(entry, q)
+        _field(e, "source", q, _one_of(ROLES))
+        _field(e, "target", q, _one_of(ROLES))
+        for i, row in enumerate(_field(e, "per_radius", q, _list(_obj, length=n_radii))):
+            r = _at(_at(q, "per_radius"), i)
+            for key2 in ("attacked", "reused", "reused_broken", "pgd", "pgd_broken", "broken"):
+                _field(row, key2, r, _count)
 
 
 def _cache_record(v: Any, p: str) -> None:
@@ -341,6 +392,8 @@ def _result(v: Any, p: str, *, nested: bool) -> None:
         _field(d, role, p, _model(n))
     _field(d, "transfer", p, _list(_transfer_row, length=n))
     _field(d, "prop2", p, _opt(_prop2), required=False)
+    _field(d, "transfer_attack", p, _opt(lambda x, q: _transfer_attack(x, q, n)), required=False)
+    _field(d, "corruption_transfer", p, _opt(_obj), required=False)
     _field(d, "sanity", p, _sanity)
     _field(d, "gates", p, _list(_gate))
     _field(d, "gates_passed", p, _bool, required=False)
