@@ -157,6 +157,11 @@ def device_class(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 #: whole in memory, and left out of the checksum (the re-check verifies every row of it with a forward pass)
 BIG = "suite.x_adv"
 _ST_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
+#: every safetensors dtype an entry may hold (per-sample codes, counts and flags besides the float tensors)
+_ALL_DTYPES = {**_ST_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+               "U8": torch.uint8, "BOOL": torch.bool}
+#: the largest entry header read (the header holds the key material and the tensors' layout)
+MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -311,27 +316,40 @@ class ResultCache:
 
 
 def _read_entry(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The JSON header and tensors of an entry file; :data:`BIG` is copied from the file row chunk by row
-    chunk into a spilled tensor (:mod:`robkd.utils.spill`; in memory where spilling is not supported)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        header = json.loads((fh.metadata() or {})[HEADER])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys() if k != BIG}
+    """The JSON header and tensors of an entry file, all read through ONE open file (an entry replaced by a
+    concurrent writer between two opens could otherwise pair one file's header with another's tensors);
+    :data:`BIG` is copied row chunk by row chunk into a spilled tensor (:mod:`robkd.utils.spill`; in memory
+    where spilling is not supported)."""
     with open(path, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size <= MAX_HEADER_BYTES:
+            raise ValueError(f"safetensors header of {size} bytes")
         layout = json.loads(fh.read(size))
-    spec = layout.get(BIG)
-    if spec is not None:
-        dtype = _ST_DTYPES[spec["dtype"]]
-        shape = tuple(int(v) for v in spec["shape"])
-        begin, end = (int(v) for v in spec["data_offsets"])
-        tensors[BIG] = _read_rows(path, 8 + size + begin, end - begin, shape, dtype)
+        if not isinstance(layout, dict):
+            raise ValueError("safetensors header is not an object")
+        header = json.loads((layout.get("__metadata__") or {})[HEADER])
+        tensors: dict[str, torch.Tensor] = {}
+        for name, spec in layout.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ALL_DTYPES[spec["dtype"]]
+            shape = tuple(int(v) for v in spec["shape"])
+            begin, end = (int(v) for v in spec["data_offsets"])
+            if name == BIG:
+                tensors[name] = _read_rows(fh, 8 + size + begin, end - begin, shape, dtype)
+                continue
+            fh.seek(8 + size + begin)
+            buf = bytearray(fh.read(end - begin))
+            if len(buf) != end - begin:
+                raise ValueError("truncated")
+            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(shape)
     return header, tensors
 
 
-def _read_rows(path: Path, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``nbytes`` at ``offset`` of ``path`` as a tensor of ``shape``, read in row chunks into a spilled tensor."""
+def _read_rows(fh: Any, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``nbytes`` at ``offset`` of the open file ``fh`` as a tensor of ``shape``, read in row chunks into a
+    spilled tensor."""
     from robkd.utils import spill
 
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -342,14 +360,13 @@ def _read_rows(path: Path, offset: int, nbytes: int, shape: tuple[int, ...], dty
         raise ValueError(f"{BIG} holds {nbytes} bytes, not a {list(shape)} {dtype} tensor")
     out = spill.spill_empty(shape, dtype) if spill.spill_supported() else torch.empty(shape, dtype=dtype)
     rows = max(1, spill.CHUNK_BYTES // max(row, 1))
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        for s in range(0, shape[0], rows):
-            e = min(shape[0], s + rows)
-            buf = bytearray(fh.read((e - s) * row))
-            if len(buf) != (e - s) * row:
-                raise ValueError("truncated")
-            spill.put_rows(out, torch.arange(s, e), torch.frombuffer(buf, dtype=dtype).view((e - s,) + shape[1:]))
+    fh.seek(offset)
+    for s in range(0, shape[0], rows):
+        e = min(shape[0], s + rows)
+        buf = bytearray(fh.read((e - s) * row))
+        if len(buf) != (e - s) * row:
+            raise ValueError("truncated")
+        spill.put_rows(out, torch.arange(s, e), torch.frombuffer(buf, dtype=dtype).view((e - s,) + shape[1:]))
     return out
 
 
