@@ -95,7 +95,7 @@ def _hooks(ibp_counts: dict) -> None:
         after = int(((out[0] < 0) & (out[1] > 0)).sum())
         emit({"layer": op.name, "shape": list(op.out_shape), "ibp_unstable": ibp_counts.get(op.name),
               "unstable_before": before, "unstable_after": after, "seconds": round(time.perf_counter() - state["t"], 2),
-              "peak_kb": _status_kb("VmHWM")})
+              "peak_kb": _status_kb("VmHWM"), "cpu": round(time.process_time(), 1)})
         state["layer"] = None
         return out
 
@@ -107,7 +107,8 @@ def _hooks(ibp_counts: dict) -> None:
         if now - state["last"] > 5.0:
             state["last"] = now
             emit({"progress": state["layer"], "pairs_done": state["done"], "pairs_total": state["total"],
-                  "seconds": round(now - state["t"], 1), "peak_kb": _status_kb("VmHWM")})
+                  "seconds": round(now - state["t"], 1), "peak_kb": _status_kb("VmHWM"),
+                  "cpu": round(time.process_time(), 1)})
 
     orig_lower = windows.WindowPass.lower
 
@@ -150,7 +151,7 @@ def main() -> int:
         nb = bm.intermediate_bounds(InputSet.around(x, eps, Norm.LINF), False)
     ibp_counts = {op.inputs[0]: int(((nb[op.inputs[0]][0] < 0) & (nb[op.inputs[0]][1] > 0)).sum())
                   for op in bm.ops if isinstance(op, ops.ReLU)}
-    emit({"robkd_file": robkd.__file__, "ibp_unstable": ibp_counts, "total_relus": bm.total_relus,
+    emit({"robkd_file": robkd.__file__, "cpu": round(time.process_time(), 1), "ibp_unstable": ibp_counts, "total_relus": bm.total_relus,
           "load": list(os.getloadavg())})
     del bm, nb
     if method in ("crown", "alpha-crown", "budget"):
@@ -160,11 +161,11 @@ def main() -> int:
         kwargs.update(method="crown", intermediate="ibp")
     elif method != "budget":
         kwargs.update(method=method)
-    times, peaks = [], []
+    times, cpus, peaks = [], [], []
     res = None
     for _ in range(int(cfg.get("repeats", 1))):
         base = reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if method == "budget":
             from robkd.bounds.budget import Budget, certify_budget
 
@@ -172,9 +173,10 @@ def main() -> int:
         else:
             res = certify(model, x, y, eps, **kwargs)
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         peaks.append(max(0, _status_kb("VmHWM") - base))
     out = {
-        "seconds_per_sample": [t / n for t in times], "peak_mb": [p / 1024 for p in peaks], "n": n,
+        "seconds_per_sample": [t / n for t in times], "cpu_per_sample": [c / n for c in cpus], "peak_mb": [p / 1024 for p in peaks], "n": n,
         "certified": [bool(c) for c in res.certified], "status": list(res.status),
         "decided_by": list(getattr(res, "decided_by", []) or []),
         "margin_lb": [[float(v) for v in row] for row in res.margin_lb],

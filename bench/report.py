@@ -54,7 +54,9 @@ def render(env: dict, rows: list[Row], docs: dict[str, str], extra: str = "") ->
     for key, val in env.items():  # families measured again later (`--only FAMILY`), spliced into this report
         if key.endswith("_rerun") and isinstance(val, dict):
             fam = key[: -len("_rerun")]
-            out.append(f"- family `{fam}` re-run with `--only {fam}` on {val.get('date')} at git commit "
+            how = f"measured by `{val['command']}`" if str(val.get("command", "")).startswith("python scripts/") else (
+                f"re-run with `--only {fam}`")
+            out.append(f"- family `{fam}` {how} on {val.get('date')} at git commit "
                        f"`{val.get('git_commit')}`" + (" (with the bench/ changes of the next commit)" if val.get("git_dirty_bench") else "")
                        + (f": {val['why']}" if val.get("why") else ""))
     fs = env.get("family_seconds") or {}

@@ -31,6 +31,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FAMILY = "gpu"
+#: the benchmarked architecture; --smoke swaps in a small CNN on the same 3x32x32 inputs
+ARCH = {"name": "robkd:resnet18"}
+
+
+def _model(seed: int = 0):
+    from bench.common import _fresh
+
+    return _fresh(ARCH["name"], (3, 32, 32), seed, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
+
+
+def _arch() -> str:
+    return ARCH["name"].split(":")[-1]
 
 
 def _sync(dev: str):
@@ -48,9 +60,9 @@ def _sync(dev: str):
 
 def pgd_rows(dev: str, n: int, repeats: int, eps: float) -> list:
     from bench import naive, peers, robkd_side
-    from bench.common import make_row, resnet18, synthetic_inputs, time_interleaved
+    from bench.common import make_row, synthetic_inputs, time_interleaved
 
-    model = resnet18(0).to(dev).eval()
+    model = _model(0).to(dev).eval()
     x, y = synthetic_inputs(model.cpu(), n, (3, 32, 32), 0)
     model.to(dev)
     x, y = x.to(dev), y.to(dev)
@@ -64,8 +76,8 @@ def pgd_rows(dev: str, n: int, repeats: int, eps: float) -> list:
     ok = bool((rob["robkd"] <= rob["torchattacks"]).all())
     check = (f"robust /{n}: robkd {int(rob['robkd'].sum())}, torchattacks {int(rob['torchattacks'].sum())}; "
              f"robkd never weaker: {ok}")
-    times = time_interleaved(fns, repeats=repeats, warmup=1)
-    case = f"resnet18 random, 3x32x32 synthetic n={n}, eps={eps:.4g}, PGD-20 on {dev}"
+    times = time_interleaved(fns, repeats=repeats, warmup=1 if repeats > 1 else 0)
+    case = f"{_arch()} random, 3x32x32 synthetic n={n}, eps={eps:.4g}, PGD-20 on {dev}"
     thr = {k: n / sorted(v)[len(v) // 2] for k, v in times.items() if not k.endswith("#cpu")}
     note = "samples/s: " + ", ".join(f"{k} {v:.0f}" for k, v in thr.items())
     return [make_row(FAMILY, case, "robkd pgd / torchattacks (time ratio)", times, "robkd", "torchattacks",
@@ -81,9 +93,9 @@ def autoattack_rows(dev: str, n: int, eps: float) -> list:
     from pyautoattack import AutoAttack
 
     from bench import peers, robkd_side
-    from bench.common import Row, resnet18, synthetic_inputs, time_once
+    from bench.common import Row, synthetic_inputs, time_once
 
-    model = resnet18(0).cpu().eval()
+    model = _model(0).cpu().eval()
     x, y = synthetic_inputs(model, n, (3, 32, 32), 1)
     model.to(dev)
     x, y = x.to(dev), y.to(dev)
@@ -99,7 +111,7 @@ def autoattack_rows(dev: str, n: int, eps: float) -> list:
     t_p, c_p, adv = time_once(s(peer))
     rk = int(res.robust[0].sum())
     pa = int(peers.robust_mask(model, adv, y, x, eps).sum())
-    case = f"resnet18 random, 3x32x32 synthetic n={n}, eps={eps:.4g}, AutoAttack standard on {dev}"
+    case = f"{_arch()} random, 3x32x32 synthetic n={n}, eps={eps:.4g}, AutoAttack standard on {dev}"
     del torch
     return [Row(FAMILY, case, "robkd AutoAttack / pyautoattack (time ratio)", t_r / t_p, "<= 1.0", t_r / t_p <= 1.0,
                 f"robust /{n}: robkd {rk}, pyautoattack {pa}", rk == pa,
@@ -113,13 +125,13 @@ def distill_rows(dev: str, n: int, batch: int, rounds: int = 2) -> list:
 
     import torch
 
-    from bench.common import Row, resnet18, time_once
+    from bench.common import Row, time_once
     from robkd.data import ImageData
     from robkd.distill import train
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, 3, 32, 32, generator=g)
-    teacher = resnet18(0).cpu().eval()
+    teacher = _model(0).cpu().eval()
     with torch.no_grad():
         y = torch.cat([teacher(x[i:i + 256]).argmax(1) for i in range(0, n, 256)])
     data = ImageData(x, y, name="synthetic-cifar")
@@ -127,12 +139,12 @@ def distill_rows(dev: str, n: int, batch: int, rounds: int = 2) -> list:
     times = {}
     with tempfile.TemporaryDirectory() as td:
         for method in ("kd", "kdiga") * rounds:  # interleaved, the last of each is kept (warm)
-            t, c, _ = time_once(s(lambda: train(method, "robkd:resnet18", data, 1, Path(td) / f"{method}.safetensors",
+            t, c, _ = time_once(s(lambda: train(method, ARCH["name"], data, 1, Path(td) / f"{method}.safetensors",
                                                 teacher=teacher, device=dev, batch_size=batch, val_n=0, select="last",
                                                 augment="none", show_progress=False, lr=0.01)))
             times[method], times[f"{method}#cpu"] = [t], [c]
     r = times["kdiga"][0] / times["kd"][0]
-    return [Row(FAMILY, f"resnet18 student and teacher, 3x32x32 synthetic n={n}, batch {batch}, one epoch on {dev}",
+    return [Row(FAMILY, f"{_arch()} student and teacher, 3x32x32 synthetic n={n}, batch {batch}, one epoch on {dev}",
                 "robkd KDIGA epoch / KD epoch", r, None, None, "", None,
                 note=f"samples/s KD {n / times['kd'][0]:.0f}, KDIGA {n / times['kdiga'][0]:.0f}", timings=times,
                 cpu_ratio=times["kdiga#cpu"][0] / max(times["kd#cpu"][0], 1e-9))]
@@ -169,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ROBKD_NO_PROGRESS", "1")
     os.environ.setdefault("ROBKD_NO_CACHE", "1")
     if args.smoke:  # AutoAttack at a radius that breaks every sample at once: Square's queries never run
-        sizes = dict(pgd=(4, 2), aa=4, aa_eps=16 / 255, distill=(32, 16, 1))
+        ARCH["name"] = "robkd:cnn_small"
+        sizes = dict(pgd=(4, 1), aa=4, aa_eps=16 / 255, distill=(32, 16, 1))
     else:
         sizes = dict(pgd=(512, 5), aa=256, aa_eps=1 / 255, distill=(10000, 128, 2))
     env = environment(args.device)
