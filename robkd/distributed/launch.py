@@ -152,12 +152,18 @@ class _StderrFilter:
 
 def report_failure(code: int) -> None:
     """Under :func:`relaunch`, record the exit code of a rank that failed (any rank): the rank then exits
-    non-zero at once (no waiting for its peers, which torchrun stops) and the launcher returns ``code``."""
+    non-zero at once (no waiting for its peers, which torchrun stops) and the launcher returns ``code``.
+
+    Only the FIRST failure is recorded: it is the cause, and what fails after it on other ranks (e.g. a
+    rank whose state folder the failed rank 0 removed) is a consequence that must not replace its code."""
     path = os.environ.get(EXIT_FILE_ENV)
     if path:
-        from robkd.utils.io import atomic_write_text
-
-        atomic_write_text(path, f"{int(code)}\n")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"{int(code)}\n")
 
 
 def report_exit(code: int, *, rank: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import json
 import logging
 import os
@@ -60,7 +61,14 @@ def _map(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor
     numel = 1
     for s in shape:
         numel *= int(s)
-    t = torch.from_file(str(path), shared=True, size=max(numel, 1), dtype=dtype)
+    try:
+        t = torch.from_file(str(path), shared=True, size=max(numel, 1), dtype=dtype)
+    except RuntimeError as exc:  # torch reports a failed open(2) as RuntimeError: it is a filesystem error
+        if "unable to open" not in str(exc):
+            raise
+        raise OSError(errno.ENOENT if not path.parent.is_dir() else errno.EIO,
+                      "cannot open the spill file" + ("" if path.parent.is_dir() else " (its folder was removed)"),
+                      str(path)) from exc
     st = t.untyped_storage()
     _SPILLED[st.data_ptr()] = st.filename
     return t[:numel].view(shape)
