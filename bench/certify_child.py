@@ -14,7 +14,6 @@ kills it at its timeout and reports the progress reached.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
