@@ -35,7 +35,8 @@ def reference():
     if importlib.util.find_spec("imagecorruptions") is None or importlib.util.find_spec("skimage") is None \
             or importlib.util.find_spec("cv2") is None:
         pytest.skip("imagecorruptions (and scikit-image, opencv) not installed")
-    if importlib.util.find_spec("pkg_resources") is None and "pkg_resources" not in sys.modules:
+    stubbed = importlib.util.find_spec("pkg_resources") is None and "pkg_resources" not in sys.modules
+    if stubbed:
         stub = types.ModuleType("pkg_resources")
 
         def resource_filename(pkg: str, name: str) -> str:
@@ -50,7 +51,9 @@ def reference():
 
     ref.gaussian = lambda img, sigma, multichannel=False, **kw: skimage.filters.gaussian(
         img, sigma=sigma, channel_axis=-1 if multichannel else None, **kw)
-    return ref
+    yield ref
+    if stubbed:  # the stand-in must not outlive these tests: other code probes pkg_resources for real attributes
+        sys.modules.pop("pkg_resources", None)
 
 
 def _image(side: int = 32, seed: int = 1) -> np.ndarray:
