@@ -265,6 +265,17 @@ def test_dry_run_checks_everything_and_attacks_and_writes_nothing(pair, tmp_path
         assert phases[(role, "sanity checks (8 samples)")]["passes"] == 8 * (20 + 220 + 40)
         assert phases[(role, "certify ibp (2 radii)")]["seconds"] > 0
     assert est["total_seconds"] > 0 and est["n"] == 32
+    # the optional analyses are estimated too: transfer (pgd-20 on the other model, every sample and radius at
+    # most), the self-test (its attacks on 20 samples: fgsm 1 + pgd-3 3 passes) and the corruptions (2 x 1)
+    res = run_cli(["audit", *pair, *FAST, "--dry-run", "--json", "--attacks", "fgsm,pgd-3,transfer", "--self-test",
+                   "--corruptions", "fog,contrast", "--severities", "3"], capsys)
+    assert res.code == 0, res.err
+    phases = {(p["model"], p["phase"]): p for p in json.loads(res.out)["phases"]}
+    for role in ("teacher", "student"):
+        assert phases[(role, "transfer (pgd-20 on the other model, at most)")]["passes"] == 32 * 2 * 20
+        assert phases[(role, "attack self-test (20 samples, 2 attacks)")]["passes"] == 20 * (1 + 3)
+        assert phases[(role, "corruptions (2 x 1 severities)")]["passes"] == 32 * 2
+        assert not any(p[1].startswith("transfer eps") for p in phases)
     res = run_cli(["audit", *pair, *FAST, "--dry-run"], capsys)
     assert res.code == 0 and "nothing was attacked or written" in res.out and "estimated total: ~" in res.out
     # bad input fails the dry run as it would fail the run (exit 2), still writing nothing

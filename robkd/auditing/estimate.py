@@ -25,6 +25,9 @@ from robkd.auditing.plan import ROLES, AuditPlan, make_plan
 #: radius (pgd-20), pgd-20 against pgd-200 at the middle radius, pgd-20 per radius (monotonicity, >1 radius),
 #: and with autoattack in the suite Square (1000 queries) after APGD-CE and APGD-T.
 SANITY_PASSES = {"large_radius": 20, "more_steps": 220, "per_radius": 20, "blackbox": 1000 + 100 + 900}
+#: forward passes per sample that build the self-test's binary readout: the inner points of
+#: :func:`robkd.analysis.selftest.attack_self_test` (its default ``n_inner``)
+SELF_TEST_INNER = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,7 @@ def estimate(plan: AuditPlan, *, repeats: int = 2) -> AuditEstimate:
                                     0.0, None if secs is None else secs * n * per))
         s = _sanity_passes(cfg, len(radii))
         phases.append(PhaseCost(role, f"sanity checks ({min(cfg.sanity_n, n)} samples)", s, s * fb[role]))
+        phases += _extra_phases(plan, role, fwd, fb)
     if cfg.llm:
         from robkd.analysis.llm import RESTART_PLAN
 
@@ -97,6 +101,37 @@ def estimate(plan: AuditPlan, *, repeats: int = 2) -> AuditEstimate:
         phases.append(PhaseCost("pair", f"prop2 / LLM ({cfg.llm_steps} steps x {runs} runs)", passes,
                                 passes * (fb["teacher"] + fb["student"]) / 2))
     return AuditEstimate(plan=plan, phases=tuple(phases), pass_seconds=dict(fb))
+
+
+def _extra_phases(plan: AuditPlan, role: str, fwd: dict[str, float], fb: dict[str, float]) -> list[PhaseCost]:
+    """The optional analyses of one model: the transfer attack (an upper bound: PGD-20 on the other model for
+    every sample at every radius, then one forward pass here), the attack self-test (its inner points and
+    one run of each tested attack per sample) and the common corruptions (one forward pass per corruption,
+    severity and sample; generating the images is not counted)."""
+    from robkd.attacks import attack_cost
+
+    cfg, n, out = plan.cfg, plan.n, []
+    other = ROLES[1] if role == ROLES[0] else ROLES[0]
+    if "transfer" in cfg.attacks:
+        pgd = n * len(plan.radii) * 20.0
+        out.append(PhaseCost(role, "transfer (pgd-20 on the other model, at most)", pgd,
+                             pgd * fb[other] + n * len(plan.radii) * fwd[role]))
+    if cfg.self_test:
+        from robkd.auditing.robustness_stage import self_test_attacks
+
+        k = min(cfg.self_test_n, n)
+        attacks = self_test_attacks(plan)
+        passes = k * sum(float(attack_cost(a, plan.norm)) for a in attacks)
+        out.append(PhaseCost(role, f"attack self-test ({k} samples, {len(attacks)} attacks)", passes,
+                             passes * fb[role] + k * (SELF_TEST_INNER + 2) * fwd[role]))
+    if cfg.corruptions:
+        from robkd.auditing.robustness_stage import corruption_names
+
+        names = corruption_names(plan)
+        passes = float(n * len(names) * len(cfg.severities))
+        out.append(PhaseCost(role, f"corruptions ({len(names)} x {len(cfg.severities)} severities)", passes,
+                             passes * fwd[role]))
+    return out
 
 
 def _sanity_passes(cfg: AuditConfig, n_radii: int) -> float:
