@@ -335,3 +335,33 @@ def test_the_cache_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBKD_CACHE_MAX_MB", str(size / 2**20))
     cache.store(keys[0], {"entry": 0}, {"a": torch.full((1000,), 0.0)}, {})
     assert [e["key"] for e in cache.entries()] == [keys[0]]
+
+
+def test_dry_run_counts_cached_and_identical_models_as_reused(trained_mlp, students, tmp_path, capsys):
+    """--dry-run estimates a cached model as its re-check (two forward passes per sample) and the second of
+    two identical models as free; it reads the cache and writes nothing to it."""
+    from robkd.cli.main import main
+    from robkd.models import save_model
+
+    t = str(save_model(trained_mlp, tmp_path / "t.safetensors"))
+    s = str(save_model(students[0], tmp_path / "s.safetensors"))
+    cache = tmp_path / "cache"
+    argv = ["--data", "fashion-mnist-slice", "--n", "48", "--eps", "0.05,0.1", "--attacks", "fgsm,pgd-3",
+            "--sanity-n", "0", "--cache", str(cache), "--dry-run", "--json"]
+
+    def phases(pair: list[str]) -> dict[tuple[str, str], dict]:
+        assert main(["audit", *pair, *argv]) == 0
+        return {(p["model"], p["phase"]): p for p in json.loads(capsys.readouterr().out)["phases"]}
+
+    first = phases([t, s])
+    assert (("teacher", "fgsm eps=0.05") in first and ("student", "fgsm eps=0.05") in first
+            and not cache.exists())  # nothing cached yet, and the dry run stored nothing
+    same = phases([t, t])
+    assert same[("student", "same as the teacher: attacked once")]["passes"] == 0
+    assert ("student", "clean predictions") not in same and ("teacher", "clean predictions") in same
+    assert main(["audit", t, s, *argv[:-2], "--no-report", "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    cached = phases([t, s])
+    for role in ("teacher", "student"):
+        assert cached[(role, "from the cache (re-check of its clean and adversarial predictions)")]["passes"] == 2 * 48
+        assert (role, "fgsm eps=0.05") not in cached

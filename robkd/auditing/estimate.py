@@ -77,7 +77,16 @@ def estimate(plan: AuditPlan, *, repeats: int = 2) -> AuditEstimate:
     for role in ROLES:
         fwd[role], fb[role] = _time_passes(plan.models[role], plan.x, plan.y, cfg.batch_size, repeats)
     phases: list[PhaseCost] = []
+    reused = _reused(plan)
     for role in ROLES:
+        if role in reused:  # an identical model of this run, or a cache entry (re-checked: two forward passes)
+            twin = reused[role] != "cache"
+            passes = 0.0 if twin else 2.0 * n
+            phases.append(PhaseCost(role, f"same as the {reused[role]}: attacked once" if twin
+                                    else "from the cache (re-check of its clean and adversarial predictions)",
+                                    passes, passes * fwd[role]))
+            phases += _extra_phases(plan, role, fwd, fb)
+            continue
         phases.append(PhaseCost(role, "clean predictions", float(n), n * fwd[role]))
         for name in plan.suite.order:
             passes = n * float(attack_cost(name, plan.norm))
@@ -101,6 +110,22 @@ def estimate(plan: AuditPlan, *, repeats: int = 2) -> AuditEstimate:
         phases.append(PhaseCost("pair", f"prop2 / LLM ({cfg.llm_steps} steps x {runs} runs)", passes,
                                 passes * (fb["teacher"] + fb["student"]) / 2))
     return AuditEstimate(plan=plan, phases=tuple(phases), pass_seconds=dict(fb))
+
+
+def _reused(plan: AuditPlan) -> dict[str, str]:
+    """Roles whose block the run will not compute: ``role -> "cache"`` (an entry for its key exists; the run
+    still re-checks it and computes the model when the re-check fails) or ``role -> <identical role>``."""
+    from robkd.auditing.reuse import Reuse
+
+    reuse = Reuse.for_plan(plan)
+    out: dict[str, str] = {}
+    for role in ROLES:
+        twin = reuse.twin(role)
+        if twin is not None:
+            out[role] = twin
+        elif reuse.cache is not None and reuse.cache.path(reuse.keys[role]).is_file():
+            out[role] = "cache"
+    return out
 
 
 def _extra_phases(plan: AuditPlan, role: str, fwd: dict[str, float], fb: dict[str, float]) -> list[PhaseCost]:
