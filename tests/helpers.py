@@ -19,6 +19,21 @@ if TYPE_CHECKING:
     from robkd.types import Norm
 
 
+# ----------------------------------------------------------------------------- gradient masking
+class Quantised(nn.Module):
+    """``inner`` behind a non-differentiable input quantiser to ``levels`` grey levels: ``torch.round`` has a
+    zero gradient almost everywhere, so gradient attacks see nothing (masking), while on images of that grid
+    the model is ``inner`` itself (``levels=255``: the 8-bit grid)."""
+
+    def __init__(self, inner: nn.Module, levels: int = 4) -> None:
+        super().__init__()
+        self.inner = inner
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x * self.levels) / self.levels)
+
+
 # ----------------------------------------------------------------------------- training
 def train_plain(model, data, epochs: int, seed: int, lr: float = 0.05):
     """A minimal seeded SGD loop (standard training) for test fixtures."""

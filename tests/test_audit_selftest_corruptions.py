@@ -14,6 +14,7 @@ import robkd
 from robkd.auditing import AuditConfig
 from robkd.auditing.gates import GateError
 from robkd.errors import UsageError
+from helpers import Quantised
 
 ZOO = Path(__file__).resolve().parents[1] / "robkd" / "zoo"
 FAST = dict(data="fashion-mnist-slice", n=60, eps=[0.05, 0.1], attacks=["pgd-5"], batch_size=60, sanity_n=0)
@@ -95,18 +96,9 @@ def test_self_test_block_and_report(audited):
         validate_results(bad)
 
 
-class _Rounded(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.round(x * 255) / 255)
-
-
 def test_masked_model_fails_the_self_test_and_a_head_without_linear_is_not_applicable(pair):
     teacher, _ = pair
-    masked = _Rounded(copy.deepcopy(teacher)).eval()
+    masked = Quantised(copy.deepcopy(teacher), levels=255).eval()
     res = robkd.audit(teacher, masked, self_test=True, self_test_n=10, strict=True, **{**FAST, "eps": [0.1]})
     d = res.to_dict()
     assert d["student"]["self_test"]["attacks"]["pgd-5"]["rate"] < 0.9

@@ -21,17 +21,7 @@ from robkd.analysis.sanity import (
 )
 from robkd.attacks import Suite
 from robkd.errors import UsageError
-
-
-class _Quantised(nn.Module):
-    """Non-differentiable input quantiser in front of a model: torch.round has a zero gradient."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(torch.round(x * 4) / 4)
+from helpers import Quantised
 
 
 class _Noisy(nn.Module):
@@ -92,7 +82,7 @@ def test_softmax_output_is_flagged(trained_cnn, data):
 
 def test_zero_and_nan_gradients_are_flagged(trained_cnn, data):
     x, y = data
-    flags = check_gradients(_Quantised(trained_cnn), x, y)
+    flags = check_gradients(Quantised(trained_cnn), x, y)
     assert _codes(flags) == {"zero-gradients"} and flags[0].value == pytest.approx(1.0)
 
     class SqrtAtZero(nn.Module):
@@ -101,15 +91,15 @@ def test_zero_and_nan_gradients_are_flagged(trained_cnn, data):
 
     assert "nan-gradients" in _codes(check_gradients(SqrtAtZero(), x, y))
     assert check_gradients(trained_cnn, x, y) == []
-    codes = _codes(pre_checks(_Quantised(trained_cnn), x, y))
+    codes = _codes(pre_checks(Quantised(trained_cnn), x, y))
     assert codes == {"zero-gradients"}
 
 
 def test_large_radius_check_fires_on_gradient_masking(trained_cnn, data):
     x, y = data
     with torch.no_grad():
-        ok = _Quantised(trained_cnn)(x).argmax(1) == y
-    flags = check_large_radius(_Quantised(trained_cnn), x[ok][:32], y[ok][:32], "Linf")
+        ok = Quantised(trained_cnn)(x).argmax(1) == y
+    flags = check_large_radius(Quantised(trained_cnn), x[ok][:32], y[ok][:32], "Linf")
     assert _codes(flags) == {"large-radius-not-broken"}
     with torch.no_grad():
         ok = trained_cnn(x).argmax(1) == y
@@ -138,7 +128,7 @@ def test_monotonicity_check():
 
 def test_blackbox_beating_whitebox_is_flagged_from_a_suite_result(trained_cnn, data):
     x, y = data
-    masked = _Quantised(trained_cnn)
+    masked = Quantised(trained_cnn)
     suite = Suite(["pgd-5", "square"], "Linf", progress=False, attack_options={"square": {"n_queries": 150}})
     res = suite.run(masked, x[:24], y[:24], [0.15])
     flags = check_result(res, name="student")
@@ -158,7 +148,7 @@ def test_blackbox_check_for_suites_with_autoattack(trained_cnn, data, monkeypatc
     """AutoAttack runs Square inside its own cascade, so its result cannot show Square beating the white-box
     components: the check runs them itself on the subset (masked model flagged, plain model not)."""
     x, y = data
-    masked = _Quantised(trained_cnn)
+    masked = Quantised(trained_cnn)
     flags = check_blackbox_subset(masked, x[:24], y[:24], "Linf", 0.15, white=("apgd-ce",), n_queries=150, name="s")
     assert _codes(flags) == {"blackbox-beats-whitebox"} and flags[0].model == "s" and flags[0].value > 0.002
     assert check_blackbox_subset(trained_cnn, x[:24], y[:24], "Linf", 0.15, white=("apgd-ce",), n_queries=150) == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from robkd.analysis.sanity import (
     attack_rows,
@@ -18,17 +17,7 @@ from robkd.analysis.sanity import (
 )
 from robkd.attacks import CLEAN_WRONG, ROBUST, Suite, SuiteResult
 from robkd.types import Norm
-
-
-class _Quantised(nn.Module):
-    """A non-differentiable input quantiser in front of a model: torch.round has a zero gradient (masking)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(torch.round(x * 4) / 4)
+from helpers import Quantised
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +50,7 @@ def test_masked_model_is_flagged_even_when_square_in_the_suite_broke_samples(tra
     """Square breaks many samples of the quantised model at a small radius; those breaks are not counted as
     gradient-attack breaks, so the large-radius check attacks them and still flags the model."""
     x, y = data
-    masked = _Quantised(trained_cnn)
+    masked = Quantised(trained_cnn)
     suite = Suite(["pgd-5", "square"], "Linf", progress=False, attack_options={"square": {"n_queries": 150}})
     res = suite.run(masked, x[:32], y[:32], [0.1, 0.15])
     assert res.broken_count("square")[-1] >= 3  # the premise: the suite's breaks come from Square
@@ -125,7 +114,7 @@ def test_blackbox_check_attacks_only_samples_square_may_have_broken(trained_cnn,
     robust is not attacked again; the masked model is flagged from the AutoAttack-attributed samples alone."""
     x, y = data
     x, y = x[:24], y[:24]
-    masked = _Quantised(trained_cnn)
+    masked = Quantised(trained_cnn)
     attribution = [0 if i % 6 == 0 else ROBUST if i % 6 == 1 else 1 for i in range(24)]  # pgd-5 / robust / autoattack
     res = _synthetic(x, y, masked, attribution)
     sub = sanity_subset(res, None, 0)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import robkd
 from robkd.attacks import make_attack
@@ -20,20 +19,10 @@ from robkd.attacks.suite_result import CLEAN_WRONG, ROBUST, SuiteResult
 from robkd.attacks.transfer import TRANSFER, TransferOutcome, fold_transfer
 from robkd.errors import UsageError
 from robkd.types import Norm
+from helpers import Quantised
 
 ZOO = Path(__file__).resolve().parents[1] / "robkd" / "zoo"
 FAST = dict(data="fashion-mnist-slice", n=80, eps=[0.05, 0.1], batch_size=80, sanity_n=0)
-
-
-class Rounded(nn.Module):
-    """The teacher behind an input quantiser to the 8-bit grid: the same function on 8-bit images, zero gradient."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.round(x * 255) / 255)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def teacher():
 
 
 def test_gradient_masked_student_falls_to_the_teachers_examples_and_is_flagged(teacher, tmp_path):
-    student = Rounded(copy.deepcopy(teacher)).eval()  # rounds the [0,1] image, then the teacher normalises it
+    student = Quantised(copy.deepcopy(teacher), levels=255).eval()  # rounds the [0,1] image, then the teacher normalises it
     res = robkd.audit(teacher, student, attacks=["pgd-10", TRANSFER], strict=True, out_dir=tmp_path / "a", **FAST)
     d, t = res.to_dict(), res.tensors
     n = d["data"]["n"]
