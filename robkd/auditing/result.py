@@ -101,6 +101,10 @@ class AuditResult:
         self._data["kind"] = "robkd-repair"
         self._data["before"] = b
 
+    def attach_auto(self, block: dict[str, Any]) -> None:
+        """Record the trials of ``robkd repair --method auto`` (the ``auto`` block, plain JSON) in the result."""
+        self._data["auto"] = json.loads(json.dumps(block, allow_nan=False))
+
     def to_pandas(self) -> "pd.DataFrame":
         """The per-sample outcomes as a DataFrame: one row per audited sample, in audit order.
 

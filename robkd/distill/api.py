@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -428,7 +427,7 @@ def _audit(teacher: Any, student: Any, data: Any, data_dir: Any, tlog: TrainLog,
     if before is not None:
         result.attach_before(before)
     if auto is not None:  # --method auto: the trial table, beside the audit's figures (the schema allows extra blocks)
-        result._data["auto"] = json.loads(json.dumps(auto, allow_nan=False))
+        result.attach_auto(auto)
     if out_dir is not None and current().is_main:
         from robkd.utils.io import atomic_write_json, atomic_write_text
 
