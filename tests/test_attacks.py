@@ -453,3 +453,26 @@ def test_class_count_probe_of_a_plain_module_runs_in_eval_mode():
     make_attack("pgd-3", "Linf", 0.1).run(net, x, y)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert net.training  # the caller's mode is restored
+
+
+def test_suite_given_clean_predictions_matches_its_own_clean_pass(trained_cnn, fmnist_test):
+    """The audit hands the suite the clean predictions it already made: same result as the suite's own pass;
+    a NON_FINITE prediction counts as wrong; a wrong shape is refused."""
+    from robkd.attacks import Suite
+    from robkd.utils.logits import NON_FINITE
+
+    x, y = fmnist_test.float_x()[:24], fmnist_test.y[:24]
+    suite = Suite(["fgsm", "pgd-3"], "Linf", batch_size=8, progress=False)
+    with torch.no_grad():
+        pred = trained_cnn(x).argmax(1)
+    ref = suite.run(trained_cnn, x, y, [0.02, 0.05])
+    got = suite.run(trained_cnn, x, y, [0.02, 0.05], clean_pred=pred)
+    assert torch.equal(ref.clean_correct, pred == y) and torch.equal(got.clean_correct, ref.clean_correct)
+    assert torch.equal(got.broken_by, ref.broken_by) and torch.equal(got.x_adv, ref.x_adv)
+    right = int((pred == y).nonzero()[0])
+    marked = pred.clone()
+    marked[right] = NON_FINITE
+    one = suite.run(trained_cnn, x, y, [0.02], clean_pred=marked)
+    assert not bool(one.clean_correct[right]) and int(one.clean_correct.sum()) == int((pred == y).sum()) - 1
+    with pytest.raises(UsageError, match="clean_pred"):
+        suite.run(trained_cnn, x, y, [0.02], clean_pred=pred[:5])

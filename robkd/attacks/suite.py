@@ -130,6 +130,7 @@ class Suite:
         on_checkpoint: Callable[[SuiteResult], None] | None = None,
         sample_ids: torch.Tensor | None = None,
         spill: "str | os.PathLike[str] | bool | None" = None,
+        clean_pred: torch.Tensor | None = None,
     ) -> SuiteResult:
         """Evaluate ``model`` on ``(x, y)`` at every radius; returns the per-sample :class:`SuiteResult`.
 
@@ -141,6 +142,8 @@ class Suite:
         set (pyautoattack components keep their own batch-wise RNG).
         ``spill``: keep ``x_adv`` in a file (a path: that file, kept for resume; True: an anonymous temporary
         file) instead of in memory (only on Linux: elsewhere it stays in memory); the results are the same.
+        ``clean_pred``: the model's ``(N,)`` clean predictions when the caller already has them (the suite's
+        own clean pass is skipped; ``NON_FINITE`` counts as wrong).
         """
         check_inputs(model, x, y)
         ids = check_sample_ids(sample_ids, x.shape[0])
@@ -152,7 +155,10 @@ class Suite:
         if state is not None:
             result = self._restore(state, radii_l, fp)
         else:
-            clean = self._clean_correct(model, x, y)
+            if clean_pred is not None and tuple(clean_pred.shape) != (n,):
+                raise UsageError(f"clean_pred must have shape ({n},), got {tuple(clean_pred.shape)}")
+            clean = (self._clean_correct(model, x, y) if clean_pred is None
+                     else clean_pred.detach().cpu().long() == y.detach().cpu().long())
             broken_by = torch.full((len(radii_l), n), ROBUST, dtype=torch.long)
             broken_by[:, ~clean] = CLEAN_WRONG
             result = SuiteResult(

@@ -47,7 +47,7 @@ def results(plan: AuditPlan, outcomes: Mapping[str, ModelOutcome], non_finite: M
     for role in ROLES:
         o = outcomes[role]
         resumed += [f"{role}:{a}@{format_radius(r)}" for (a, r) in sorted(o.resumed, key=lambda t: (t[1], t[0]))]
-        block, t = model_block(plan, o)
+        block, t = model_block(plan, o, non_finite[role].adv_pred)
         tensors.update(t)
         block["non_finite"] = non_finite[role].to_dict()
         if o.certification is not None:
@@ -94,9 +94,10 @@ def results(plan: AuditPlan, outcomes: Mapping[str, ModelOutcome], non_finite: M
     return data, tensors
 
 
-def model_block(plan: AuditPlan, outcome: ModelOutcome) -> tuple[dict[str, Any], Tensors]:
+def model_block(plan: AuditPlan, outcome: ModelOutcome, adv_pred: torch.Tensor) -> tuple[dict[str, Any], Tensors]:
     """The ``teacher``/``student`` record (clean and per-radius accuracy with intervals, who broke what) and
-    the per-sample tensors ``<role>.*``; ``certification`` is left None."""
+    the per-sample tensors ``<role>.*``; ``certification`` is left None. ``adv_pred``: the predictions on the
+    kept adversarial examples (:attr:`robkd.auditing.stages.NonFiniteCounts.adv_pred`, one forward pass)."""
     role, sres = outcome.role, outcome.suite
     y = plan.y.cpu()
     n = int(y.shape[0])
@@ -129,7 +130,7 @@ def model_block(plan: AuditPlan, outcome: ModelOutcome) -> tuple[dict[str, Any],
         tensors[f"{role}.robust_after.{a}"] = robust_after[a].cpu().bool()
     tensors[f"{role}.x_adv"] = sres.x_adv.detach().cpu().float()  # spilled: stays in its file (robkd.utils.spill)
     tensors[f"{role}.adv_radius"] = sres.adv_radius.detach().cpu().double()
-    tensors[f"{role}.adv_pred"] = adversarial_predictions(plan, outcome)
+    tensors[f"{role}.adv_pred"] = adv_pred.cpu().long().clone()  # a copy: an identical model's is shared
     block = {
         "model": dict(plan.model_info[role]),
         "clean": Proportion.of(_count(clean_correct), n).to_dict(),
@@ -153,23 +154,6 @@ def per_class(y: torch.Tensor, clean_correct: torch.Tensor, robust: torch.Tensor
 
     return {"classes": [int(c) for c in classes.tolist()], "n": [int(v) for v in member.sum(dim=1).tolist()],
             "clean_correct": counts(clean_correct), "robust": [counts(robust[i]) for i in range(robust.shape[0])]}
-
-
-def adversarial_predictions(plan: AuditPlan, outcome: ModelOutcome) -> torch.Tensor:
-    """``(N,)`` int64: the model's prediction on its kept ``x_adv`` (the clean prediction where no attack broke
-    the sample, so only the broken samples are run again; ``NON_FINITE`` for non-finite logits)."""
-    from robkd.utils.logits import predict
-
-    sres = outcome.suite
-    pred = outcome.clean_pred.cpu().long().clone()
-    rows = torch.isfinite(sres.adv_radius.cpu().double()).nonzero().flatten()
-    if rows.numel():
-        model, bs = plan.models[outcome.role], plan.cfg.batch_size
-        with torch.no_grad():
-            for s in range(0, rows.numel(), bs):
-                idx = rows[s : s + bs]
-                pred[idx] = predict(model(sres.adv_rows(idx).to(plan.device, plan.x.dtype))).cpu().long()
-    return pred
 
 
 def certification_block(plan: AuditPlan, outcome: ModelOutcome, robust: torch.Tensor,

@@ -203,10 +203,10 @@ def evaluate(
     plan = make_model_plan(cfg, None if path is not None else model, None, data=memory, role=ROLE)
     event = on_event or (lambda kind, info: None)
     outcome = stages.run_model(plan, ROLE, plan.x, plan.y, torch.arange(plan.n), None, event)
-    block, tensors = aggregate.model_block(plan, outcome)
+    nf = stages.count_non_finite(plan, outcome)
+    block, tensors = aggregate.model_block(plan, outcome, nf.adv_pred)
     tensors.update(indices=plan.indices.clone(), labels=plan.y.cpu().clone(),
                    radii=torch.tensor(plan.radii, dtype=torch.float64))
-    nf = stages.count_non_finite(plan, outcome)
     block["non_finite"] = nf.to_dict()
     flags: list[dict[str, Any]] = []
     t0 = time.perf_counter()

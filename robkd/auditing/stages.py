@@ -21,7 +21,7 @@ from torch import nn
 from robkd.auditing.plan import ROLES, AuditPlan
 from robkd.errors import UnsupportedModelError
 from robkd.types import Norm
-from robkd.utils.logits import NON_FINITE, finite_rows, predict
+from robkd.utils.logits import NON_FINITE, predict
 
 if TYPE_CHECKING:
     from robkd.attacks import SuiteResult
@@ -181,7 +181,7 @@ def run_model(plan: AuditPlan, role: str, x: torch.Tensor, y: torch.Tensor, samp
     prior = state.load_suite(role) if state is not None else None
     resumed = () if prior is None else tuple(prior.done)
     t0 = time.perf_counter()
-    sres = run_suite(plan, role, model, x, y, sample_ids, prior, state, event)
+    sres = run_suite(plan, role, model, x, y, sample_ids, prior, state, event, clean_pred)
     attacks_s = time.perf_counter() - t0
     cert = None
     certify_s = None
@@ -207,9 +207,11 @@ def predict_clean(model: nn.Module, x: torch.Tensor, batch_size: int,
 
 
 def run_suite(plan: AuditPlan, role: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor,
-              prior: SuiteResult | None, state: StateStore | None, event: EventFn) -> SuiteResult:
+              prior: SuiteResult | None, state: StateStore | None, event: EventFn,
+              clean_pred: torch.Tensor | None = None) -> SuiteResult:
     """The attack suite on ``(x, y)`` whose rows are the samples ``sample_ids`` of the audit (random starts
-    are seeded per sample id, so a shard gets the noise the whole-set run gives those samples)."""
+    are seeded per sample id, so a shard gets the noise the whole-set run gives those samples);
+    ``clean_pred``: the model's clean predictions on those rows (the suite then makes no clean pass of its own)."""
     def on_progress(info: dict[str, Any]) -> None:
         event("progress", {"model": role, "stage": info.get("attack"), **info})
 
@@ -222,7 +224,7 @@ def run_suite(plan: AuditPlan, role: str, model: nn.Module, x: torch.Tensor, y: 
     # file without --out), so the audit's memory does not grow with them (robkd.utils.spill)
     spill = state.root / f"suite-{role}.xadv" if state is not None else True
     res = plan.suite.run(model, x, y, list(plan.radii), state=prior, on_progress=on_progress, on_checkpoint=on_checkpoint,
-                         sample_ids=sample_ids, spill=spill)
+                         sample_ids=sample_ids, spill=spill, clean_pred=clean_pred)
     if state is not None:
         state.save_tensors(f"suite-{role}", res.to_tensors(external_adv=True))
     return res
@@ -303,6 +305,9 @@ class NonFiniteCounts:
 
     clean: int
     adversarial: int
+    #: ``(N,)`` int64: the prediction on each kept adversarial example (the clean prediction where no attack
+    #: broke the sample; ``NON_FINITE`` for non-finite logits), from the same forward pass as the counts
+    adv_pred: torch.Tensor = dataclasses.field(compare=False, repr=False)
 
     def to_dict(self) -> dict[str, int]:
         """The results record (``<role>.non_finite``)."""
@@ -311,20 +316,20 @@ class NonFiniteCounts:
 
 def count_non_finite(plan: AuditPlan, outcome: ModelOutcome) -> NonFiniteCounts:
     """How many audited samples got a non-finite output (NaN or inf logit): on the clean input, and on the
-    verified adversarial example the suite kept. Such samples are counted misclassified and not robust
+    verified adversarial example the suite kept; with the predictions on those examples (one forward pass over
+    the broken samples serves both). Such samples are counted misclassified and not robust
     (robkd.utils.logits), whatever their label."""
-    clean = int((outcome.clean_pred == NON_FINITE).sum().item())
     sres = outcome.suite
+    pred = outcome.clean_pred.cpu().long().clone()
     rows = torch.isfinite(sres.adv_radius.cpu().double()).nonzero().flatten()
-    adv = 0
     if rows.numel():
-        model = plan.models[outcome.role]
-        bs = plan.cfg.batch_size
+        model, bs = plan.models[outcome.role], plan.cfg.batch_size
         with torch.no_grad():
             for s in range(0, rows.numel(), bs):
-                xb = sres.adv_rows(rows[s : s + bs]).to(plan.device, plan.x.dtype)
-                adv += int((~finite_rows(model(xb)).cpu()).sum().item())
-    return NonFiniteCounts(clean=clean, adversarial=adv)
+                idx = rows[s : s + bs]
+                pred[idx] = predict(model(sres.adv_rows(idx).to(plan.device, plan.x.dtype))).cpu().long()
+    return NonFiniteCounts(clean=int((outcome.clean_pred == NON_FINITE).sum().item()),
+                           adversarial=int((pred[rows] == NON_FINITE).sum().item()), adv_pred=pred)
 
 
 def non_finite_flags(counts: Mapping[str, NonFiniteCounts]) -> list[dict[str, Any]]:

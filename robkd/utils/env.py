@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import os
 import platform
@@ -40,8 +41,9 @@ def collect() -> dict[str, object]:
     return info
 
 
+@functools.lru_cache(maxsize=None)
 def package_version(pkg: str) -> str:
-    """The installed version of ``pkg``, or ``"not installed"``."""
+    """The installed version of ``pkg``, or ``"not installed"`` (read once per process: a metadata scan)."""
     try:
         return md.version(pkg)
     except md.PackageNotFoundError:
