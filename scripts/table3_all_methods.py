@@ -209,8 +209,9 @@ def _write(a, out, rows, teachers, autos, seeds, radii, t4_radii, version, torch
              f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean (min..max) in %. {a.student_epochs} student epochs on "
              f"{a.train_n} training images, the same for every method; PGD-20 at every radius on {a.eval_n} test images, "
              f"the worst case of PGD-20 and {a.aa} at the largest radius on {a.aa_n} test images (the gate's audit of the "
-             "`auto` section too); cost = summed training seconds relative to KD. Produced by "
-             "`scripts/table3_all_methods.py`.", "",
+             "`auto` section too); cost = summed training seconds relative to KD, with "
+             f"{a.threads} torch thread(s) per process (wall-clock seconds: on a shared machine, runs side by side slow each "
+             "other down, so the cost column is a rough guide). Produced by `scripts/table3_all_methods.py`.", "",
              "| Student | Clean | " + " | ".join(f"PGD-20 @{r:g}" for r in radii) + f" | Worst (PGD-20+{a.aa}) @{big} | Cost vs KD |",
              "|---" * (len(radii) + 4) + "|"]
     tw = _spread([teachers[s]["worst"][big] for s in seeds])
