@@ -40,6 +40,8 @@ METHODS = [
     ("ard-igdm", "ARD+IGDM", "ard", {"alpha": 0.5, "temperature": 1.0, "igdm": True}),
     ("rslad-igdm", "RSLAD+IGDM", "rslad", {"igdm": True}), ("adaad-igdm", "AdaAD+IGDM", "adaad", {"igdm": True}),
 ]
+#: a seed whose teacher's best validation clean accuracy stays below this multiple of chance (1/10) is excluded
+CHANCE_FACTOR = 1.5
 #: the seed papers' orderings checked (a > b on mean robust accuracy at the largest radius, worst case)
 ORDERINGS = [("kdiga", "kd", "KDIGA paper: KDIGA beats KD"), ("ard", "kd", "ARD paper: ARD beats KD"),
              ("kdiga-ardc", "ard", "KDIGA paper: KDIGA-ARDC beats ARD"), ("kdiga-arda", "ard", "KDIGA paper: KDIGA-ARDA beats ARD"),
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[int, dict]] = {m[0]: {} for m in METHODS}
     teachers: dict[int, dict] = {}
     autos: dict[int, dict] = {}
+    excluded: dict[int, dict] = {}  # seeds whose teacher failed to train (the rule is fixed here, not chosen after the fact)
     for seed in seeds:
         wd = work / f"s{seed}"
         wd.mkdir(exist_ok=True)
@@ -134,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             log.info("seed %d: teacher (PGD-AT, %d epochs)", seed, a.teacher_epochs)
             train("at", "robkd:cnn_small", epochs=a.teacher_epochs, out=tpath, arch_kwargs={"width": 2},
                   state_path=wd / "teacher.state.pt", log_path=wd / "teacher.log.jsonl", resume=True, **common(seed))
+        tlog = [json.loads(x) for x in (wd / "teacher.log.jsonl").read_text().splitlines() if x.strip()]
+        best_clean = max(r["val_clean"] for r in tlog)
+        if best_clean < CHANCE_FACTOR / 10:  # 10 classes: PGD-AT from scratch can stay at the constant solution
+            log.error("seed %d: the PGD-AT teacher never left chance level (best validation clean accuracy %.3f): "
+                      "excluded, no student is distilled from it", seed, best_clean)
+            excluded[seed] = {"reason": "the PGD-AT teacher never left chance level", "teacher_val_clean": best_clean,
+                              "teacher_log": tlog}
+            continue
         for name, _, method, extra in METHODS:
             p = wd / f"{name}.pt"
             if not p.exists():
@@ -184,12 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                                          "teacher_worst": r.audit.metric(f"teacher.worst@{max(radii):g}").point}))
         autos[seed] = {k: json.loads((wd / f"{k}.result.json").read_text()) for k in ("kdiga-short", "auto")}
 
-    _write(a, out, rows, teachers, autos, seeds, radii, t4_radii, robkd.__version__, torch.__version__)
+    kept = [s for s in seeds if s not in excluded]
+    if not kept:
+        log.error("every seed was excluded: nothing to tabulate")
+        return 1
+    _write(a, out, rows, teachers, autos, kept, radii, t4_radii, robkd.__version__, torch.__version__, excluded)
     log.info("wrote %s", out / "table3_all.md")
     return 0
 
 
-def _write(a, out, rows, teachers, autos, seeds, radii, t4_radii, version, torch_version) -> None:
+def _write(a, out, rows, teachers, autos, seeds, radii, t4_radii, version, torch_version, excluded) -> None:
     big = f"{max(radii):g}"
     kd_cost = statistics.fmean(rows["kd"][s]["train_seconds"] for s in seeds) or 1.0
     summary = {}
@@ -214,6 +229,12 @@ def _write(a, out, rows, teachers, autos, seeds, radii, t4_radii, version, torch
              "other down, so the cost column is a rough guide). Produced by `scripts/table3_all_methods.py`.", "",
              "| Student | Clean | " + " | ".join(f"PGD-20 @{r:g}" for r in radii) + f" | Worst (PGD-20+{a.aa}) @{big} | Cost vs KD |",
              "|---" * (len(radii) + 4) + "|"]
+    if excluded:
+        reasons = "; ".join(sorted({e["reason"] for e in excluded.values()}))
+        accs = ", ".join(f"{e['teacher_val_clean']:.3f}" for e in excluded.values())
+        lines[3:3] = [f"Excluded seed(s) {', '.join(map(str, sorted(excluded)))}: {reasons} (best validation clean accuracy "
+                      f"{accs}; the rule: below {CHANCE_FACTOR:g}x chance, added after seed 2's teacher failed this way). Their teacher logs are in "
+                      "`table3_all.json` under `excluded`.", ""]
     tw = _spread([teachers[s]["worst"][big] for s in seeds])
     lines.append(f"| Teacher (PGD-AT) | {f(_spread([teachers[s]['clean'] for s in seeds]))} | " + " | ".join("" for _ in radii)
                  + f" | {f(tw)} | - |")
@@ -250,8 +271,9 @@ def _write(a, out, rows, teachers, autos, seeds, radii, t4_radii, version, torch
             "eval_n": a.eval_n, "aa_n": a.aa_n, "table4_n": a.table4_n, "radii": radii, "table4_radii": t4_radii, "gate": a.gate,
             "auto_budget": a.auto_budget, "robkd_version": version, "torch": torch_version, "platform": platform.platform(),
             "smoke": a.smoke, "worst_case_attacks": ["pgd-20", a.aa], "written": time.strftime("%Y-%m-%d")}
-    (out / "table3_all.json").write_text(json.dumps({"meta": meta, "summary": summary, "per_seed": rows, "teachers": teachers,
-                                                     "auto": autos}, indent=1, default=str) + "\n")
+    (out / "table3_all.json").write_text(json.dumps({"meta": meta, "summary": summary, "per_seed": {k: {s: v[s] for s in seeds} for k, v in rows.items()},
+                                                     "teachers": teachers, "auto": autos, "excluded": excluded},
+                                                    indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
