@@ -13,7 +13,8 @@ cost is the summed ``train_seconds`` of the epoch logs, relative to KD. The tabl
 
 Model selection uses the validation split carved from the training data, never the test set. Resumable:
 every finished training run and audit is skipped, an interrupted training run resumes from its state in
-``--work``. ``ROBKD_TABLE3_SMOKE=1`` (or ``--smoke``) runs the whole pipeline at a tiny size (bundled slice,
+``--work``. ``--audit-helper`` beside a running main process (same arguments) audits the trained students from
+the last method back, so two cores share one seed's audits. ``ROBKD_TABLE3_SMOKE=1`` (or ``--smoke``) runs the whole pipeline at a tiny size (bundled slice,
 1 epoch, 2 seeds, small audits) in about a minute, to check it end to end. Full run (the lead schedules it)::
 
     OMP_NUM_THREADS=1 nohup .venv/bin/python scripts/table3_all_methods.py > runs/table3_all.log 2>&1 &
@@ -73,6 +74,9 @@ def _args(argv):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--aa", default="autoattack", help="the AutoAttack spec of the worst case (smoke: apgd-ce, its first component)")
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (also ROBKD_TABLE3_SMOKE=1)")
+    ap.add_argument("--audit-helper", action="store_true",
+                    help="beside a running main process on the same --work: audit the students already trained, from the "
+                         "last method back (the main process goes forward and skips what is done), then stop; writes no table")
     a = ap.parse_args(argv)
     if a.smoke or os.environ.get("ROBKD_TABLE3_SMOKE") == "1":
         a.smoke = True
@@ -122,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             return json.loads(f.read_text())
         res = robkd.audit(str(teacher), str(student), data=a.data, data_dir=a.data_dir, seed=seed, **kw)
         d = res.to_dict()
-        f.write_text(json.dumps(d))
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # atomic: an --audit-helper may read it meanwhile
+        tmp.write_text(json.dumps(d))
+        os.replace(tmp, f)
         return d
 
     rows: dict[str, dict[int, dict]] = {m[0]: {} for m in METHODS}
@@ -133,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         wd = work / f"s{seed}"
         wd.mkdir(exist_ok=True)
         tpath = wd / "teacher.pt"
+        if a.audit_helper and not tpath.exists():
+            log.info("audit helper: seed %d has no teacher yet", seed)
+            continue
         if not tpath.exists():
             log.info("seed %d: teacher (PGD-AT, %d epochs)", seed, a.teacher_epochs)
             train("at", "robkd:cnn_small", epochs=a.teacher_epochs, out=tpath, arch_kwargs={"width": 2},
@@ -159,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         eval_kw = dict(n=a.eval_n, eps=radii, attacks=["pgd-20"], sanity_n=0)
         worst_kw = dict(n=a.aa_n, eps=[max(radii)], attacks=["pgd-20", a.aa], sanity_n=0)
         t4_kw = dict(n=a.table4_n, eps=t4_radii, attacks=["pgd-20"], llm=True, llm_steps=5 if a.smoke else 20, sanity_n=0)
+        if a.audit_helper:  # a second process: the trained students' audits from the last one back, then stop
+            for name, *_ in reversed(METHODS):
+                if (wd / f"{name}.pt").exists():
+                    for suffix, kw in (("audit", eval_kw), ("worst", worst_kw), ("table4", t4_kw)):
+                        audit_json(f"{name}.{suffix}", seed, tpath, wd / f"{name}.pt", kw)
+            continue
         for name, *_ in METHODS:
             ev = audit_json(f"{name}.audit", seed, tpath, wd / f"{name}.pt", eval_kw)
             wc = audit_json(f"{name}.worst", seed, tpath, wd / f"{name}.pt", worst_kw)
@@ -195,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "teacher_worst": r.audit.metric(f"teacher.worst@{max(radii):g}").point}))
         autos[seed] = {k: json.loads((wd / f"{k}.result.json").read_text()) for k in ("kdiga-short", "auto")}
 
+    if a.audit_helper:
+        log.info("audit helper: done")
+        return 0
     kept = [s for s in seeds if s not in excluded]
     if not kept:
         log.error("every seed was excluded: nothing to tabulate")
