@@ -114,7 +114,9 @@ def test_more_steps_check(trained_cnn, data):
     # one PGD step is far from converged: ten times more steps lowers accuracy noticeably
     flags = check_more_steps(trained_cnn, x[ok], y[ok], "Linf", 0.1, steps=1, factor=10)
     assert _codes(flags) == {"more-steps-help"} and flags[0].value > 0.03
-    assert check_more_steps(trained_cnn, x[ok][:32], y[ok][:32], "Linf", 0.03, steps=10, factor=10) == []
+    # converged (PGD-10 vs PGD-100 at a small radius): not flagged; on 32 samples one sample is 3.1%, above the
+    # default tol, and whether one borderline sample flips depends on the CPU's float kernels: allow two samples
+    assert check_more_steps(trained_cnn, x[ok][:32], y[ok][:32], "Linf", 0.03, steps=10, factor=10, tol=2.5 / 32) == []
 
 
 def test_monotonicity_check():
