@@ -195,3 +195,28 @@ def test_cli_auto_bad_input_exits_2(tmp_path, capsys, extra, msg):
     rc = _main(["repair", str(ZOO_DIR / "teacher.safetensors"), str(ZOO_DIR / "kd_student.safetensors"), "--out",
                 str(tmp_path / "x.pt"), "--data", "fashion-mnist-slice", *extra])
     assert rc == 2 and msg in capsys.readouterr().err
+
+
+def test_a_round_that_does_not_beat_the_best_ends_the_search(tmp_path, pair, monkeypatch):
+    """The next round would start from the same best weights with the same settings and repeat the failed one
+    (seen at full scale: 17 identical rounds up to max_rounds), so the search stops there."""
+    current = {}
+    fit, measure = Trainer.fit, A._measure
+
+    def tracking_fit(self, **kw):
+        current["unit"] = self.state_path.name.split(".")[0]
+        return fit(self, **kw)
+
+    def worse_rounds(model, data, radii, base, steps):
+        figs = measure(model, data, radii, base, steps)
+        if current.get("unit", "").startswith("round-"):  # every round scores below the winning trial
+            for f in figs.values():
+                f.update(k=0, point=0.0, low=0.0, lower_one_sided=0.0)
+        return figs
+
+    monkeypatch.setattr(Trainer, "fit", tracking_fit)
+    monkeypatch.setattr(A, "_measure", worse_rounds)
+    b = _auto(tmp_path, pair, "stall").auto
+    assert [r["unit"] for r in b["rounds"]] == ["round-0"]
+    assert b["stopped"] == f"round-0 did not beat {b['chosen']}: another round from the same weights would repeat it"
+    assert b["kept"] == b["chosen"]

@@ -11,8 +11,10 @@ winner continued until the gate clears on validation (with margin) or the time b
   for a new student); ties go to the higher clean accuracy. When no trial meets the cap, the smallest drop wins.
 * **Continuation.** The winner's configuration runs again in rounds of ``round_epochs`` passes on the whole
   training split, each from the best weights so far, until the gate holds on validation under the audit's own
-  95% judging (every student and teacher metric replaced by its Clopper-Pearson interval: "with margin"), the
-  next round would overrun the budget (estimated from the last one), or ``max_rounds`` rounds are done. The
+  95% judging (every student and teacher metric replaced by its Clopper-Pearson interval: "with margin"), a
+  round fails to beat the best (the next one would start from the same weights with the same settings and
+  repeat it), the next round would overrun the budget (estimated from the last one), or ``max_rounds`` rounds
+  are done. The
   weights kept are those of the best unit (trial or round) by the same ranking.
 * **Resumable.** Every finished trial and round is written (weights and record, atomically) under the state
   directory; a killed run resumes the unfinished unit from its training state and skips the finished ones.
@@ -318,10 +320,13 @@ def run_auto(student: torch.nn.Module, teacher: torch.nn.Module, *, base: TrainC
         rec = run_unit(unit, cfg, store.weights(best["unit"]), tr)
         rounds.append(rec)
         last_s = float(rec["seconds"])
-        if score(rec) >= score(best):
+        repeat = score(rec) < score(best)
+        if not repeat:
             best = rec
         if all(v["passed"] for v in rec["gates"]):
             stop = "the gate holds on validation (95% judging)"
+        elif repeat:  # the next round would start from the same weights with the same settings: it would repeat this one
+            stop = f"{unit} did not beat {best['unit']}: another round from the same weights would repeat it"
         r += 1
     student.load_state_dict(store.weights(best["unit"]))
     kept_epochs = opts.trial_epochs if best["unit"].startswith("trial") else opts.round_epochs
