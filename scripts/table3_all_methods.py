@@ -41,8 +41,6 @@ METHODS = [
     ("ard-igdm", "ARD+IGDM", "ard", {"alpha": 0.5, "temperature": 1.0, "igdm": True}),
     ("rslad-igdm", "RSLAD+IGDM", "rslad", {"igdm": True}), ("adaad-igdm", "AdaAD+IGDM", "adaad", {"igdm": True}),
 ]
-#: a seed whose teacher's best validation clean accuracy stays below this multiple of chance (1/10) is excluded
-CHANCE_FACTOR = 1.5
 #: the seed papers' orderings checked (a > b on mean robust accuracy at the largest radius, worst case)
 ORDERINGS = [("kdiga", "kd", "KDIGA paper: KDIGA beats KD"), ("ard", "kd", "ARD paper: ARD beats KD"),
              ("kdiga-ardc", "ard", "KDIGA paper: KDIGA-ARDC beats ARD"), ("kdiga-arda", "ard", "KDIGA paper: KDIGA-ARDA beats ARD"),
@@ -105,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ROBKD_NO_PROGRESS", "1")
     import robkd
     from robkd.distill import repair, train
+    from robkd.distill.checks import chance_level_warning
 
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                   state_path=wd / "teacher.state.pt", log_path=wd / "teacher.log.jsonl", resume=True, **common(seed))
         tlog = [json.loads(x) for x in (wd / "teacher.log.jsonl").read_text().splitlines() if x.strip()]
         best_clean = max(r["val_clean"] for r in tlog)
-        if best_clean < CHANCE_FACTOR / 10 and not a.smoke:  # (the smoke run's 1-epoch teachers are near chance by design)  # 10 classes: PGD-AT from scratch can stay at the constant solution
+        # robkd's own rule (robkd train warns the same way); the smoke run's 1-epoch teachers are near chance by design
+        if chance_level_warning(tlog, 10) is not None and not a.smoke:  # 10 classes: PGD-AT from scratch can stay at the constant solution
             log.error("seed %d: the PGD-AT teacher never left chance level (best validation clean accuracy %.3f): "
                       "excluded, no student is distilled from it", seed, best_clean)
             excluded[seed] = {"reason": "the PGD-AT teacher never left chance level", "teacher_val_clean": best_clean,
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(a, out, rows, teachers, autos, seeds, radii, t4_radii, version, torch_version, excluded) -> None:
+    from robkd.distill.checks import CHANCE_FACTOR
+
     big = f"{max(radii):g}"
     kd_cost = statistics.fmean(rows["kd"][s]["train_seconds"] for s in seeds) or 1.0
     summary = {}

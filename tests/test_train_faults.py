@@ -354,3 +354,21 @@ def test_a_second_training_run_on_one_out_is_refused(tmp_path, capsys):
         holder.wait()
     assert run_cli(_train(out), capsys).code == 0 and out.is_file()
     assert not (tmp_path / ".model.safetensors.lock").exists()
+
+
+# ----------------------------------------------------------------------------- a run that never learned
+def test_chance_level_warning_on_the_experiment_logs():
+    """Golden values: the PGD-AT teacher of the all-methods experiment's seed 2 stayed at the constant solution
+    (CE 2.303 = log 10 in every epoch); seed 0's learned. Runs without validation are not judged."""
+    from robkd.distill.checks import chance_level_warning
+
+    stuck = [{"epoch": e, "val_clean": v, "val_robust": v} for e, v in enumerate((0.1, 0.12667, 0.12667, 0.12667), 1)]
+    learned = [{"epoch": 1, "val_clean": 0.7067, "val_robust": 0.5833}, {"epoch": 2, "val_clean": 0.7667, "val_robust": 0.6633}]
+    text = chance_level_warning(stuck, 10)
+    assert text is not None and "0.127" in text and "chance 0.100" in text and "4 epoch(s)" in text and "--lr" in text
+    assert chance_level_warning(learned, 10) is None
+    assert chance_level_warning(stuck, 2) is not None  # 0.127 is far below chance for two classes too
+    assert chance_level_warning([{"epoch": 1, "loss": 2.3}], 10) is None  # no validation: nothing to judge
+    assert chance_level_warning(stuck, None) is None
+    # the threshold: 1.5x chance
+    assert chance_level_warning([{"val_clean": 0.149}], 10) is not None and chance_level_warning([{"val_clean": 0.15}], 10) is None

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from robkd.distill.checks import nonfinite_tensors
+from robkd.distill.checks import chance_level_warning, nonfinite_tensors
 from robkd.distill.config import STUDENT_METHODS, TrainConfig
 from robkd.utils.validate import check_int
 from robkd.distill.device import resolve_device
@@ -179,6 +179,9 @@ def _fit_and_save(trainer: Trainer, teacher_src, *, tr, va, name, out_p: Path | 
     if bad:  # the trainer stops on the first non-finite step; this keeps a NaN/inf model off the disk whatever happened
         raise TrainingDivergedError(f"the trained model has non-finite weights ({', '.join(bad[:3])}): no model was saved; "
                                     f"lower the learning rate (--lr) and train again")
+    stuck = chance_level_warning(tlog.records, student.meta.num_classes)
+    if stuck is not None:  # saved all the same (the user may want it), but never silently
+        log.warning("%s", stuck)
     rc = trainer.config
     prov = {
         "method": rc.method,

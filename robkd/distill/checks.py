@@ -130,3 +130,21 @@ def finite_or_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [finite_or_none(v) for v in obj]
     return obj
+
+
+#: a run whose best validation clean accuracy stays below this multiple of chance (1 / classes) is flagged
+CHANCE_FACTOR = 1.5
+
+
+def chance_level_warning(records: list[Mapping[str, Any]], num_classes: int | None) -> str | None:
+    """Why a finished run looks like it never learned (its best validation clean accuracy below
+    :data:`CHANCE_FACTOR` x chance: a near-constant predictor), or None (it learned, or no validation ran)."""
+    vals = [float(r["val_clean"]) for r in records if isinstance(r.get("val_clean"), (int, float))]
+    if not vals or not num_classes or num_classes < 2:
+        return None
+    best, chance = max(vals), 1.0 / num_classes
+    if best >= CHANCE_FACTOR / num_classes:
+        return None
+    return (f"training never left chance level: the best validation clean accuracy in {len(vals)} epoch(s) was "
+            f"{best:.3f} (chance {chance:.3f}), a near-constant predictor; adversarial training from scratch at a large "
+            "radius can stay at that solution: lower --lr, train at a smaller --eps first, or start from a clean-trained model")
