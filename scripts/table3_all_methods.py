@@ -86,6 +86,14 @@ def _args(argv):
     return a
 
 
+def train_settings(a: argparse.Namespace, seed: int) -> dict:
+    """The training options every run of the experiment shares (teacher and students), for ``robkd.distill.train``/``repair``."""
+    steps = 3 if a.smoke else 10
+    return dict(data=a.data, data_dir=a.data_dir, seed=seed, train_n=a.train_n, lr=a.lr, momentum=0.9, weight_decay=5e-4,
+                schedule="multistep", milestones=(0.5, 0.75), eps=0.1, step_size=0.025, steps=steps, val_n=a.val_n,
+                val_steps=steps, select="val-robust", show_progress=False, batch_size=64 if a.smoke else 128)
+
+
 def _spread(vals):
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -111,13 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     radii = [float(r) for r in a.radii.split(",")]
     t4_radii = [float(r) for r in a.table4_radii.split(",")]
-    steps = 3 if a.smoke else 10
-    small = dict(batch_size=64) if a.smoke else dict(batch_size=128)
 
     def common(seed):
-        return dict(data=a.data, data_dir=a.data_dir, seed=seed, train_n=a.train_n, lr=a.lr, momentum=0.9, weight_decay=5e-4,
-                    schedule="multistep", milestones=(0.5, 0.75), eps=0.1, step_size=0.025, steps=steps, val_n=a.val_n,
-                    val_steps=steps, select="val-robust", show_progress=False, **small)
+        return train_settings(a, seed)
 
     def audit_json(name, seed, teacher, student, kw) -> dict:
         f = work / f"s{seed}" / f"{name}.json"

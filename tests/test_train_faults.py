@@ -365,7 +365,7 @@ def test_chance_level_warning_on_the_experiment_logs():
     stuck = [{"epoch": e, "val_clean": v, "val_robust": v} for e, v in enumerate((0.1, 0.12667, 0.12667, 0.12667), 1)]
     learned = [{"epoch": 1, "val_clean": 0.7067, "val_robust": 0.5833}, {"epoch": 2, "val_clean": 0.7667, "val_robust": 0.6633}]
     text = chance_level_warning(stuck, 10)
-    assert text is not None and "0.127" in text and "chance 0.100" in text and "4 epoch(s)" in text and "--lr" in text
+    assert text is not None and "0.127" in text and "chance 0.100" in text and "4 epoch(s)" in text and "--lr" in text and "--eps-warmup" in text
     assert chance_level_warning(learned, 10) is None
     assert chance_level_warning(stuck, 2) is not None  # 0.127 is far below chance for two classes too
     assert chance_level_warning([{"epoch": 1, "loss": 2.3}], 10) is None  # no validation: nothing to judge

@@ -40,6 +40,8 @@ SMALL = dict(epochs=2, batch_size=64, lr=0.05, steps=2, val_n=64, val_steps=2)
     ("kdiga-arda", {}),
     ("fast-ard", {"replays": 2, "epochs": 4}),
     ("trades", {"augment": "crop-flip"}),
+    ("at", {"eps_warmup": 0.75}),  # stopped inside the radius warm-up
+    ("fast-ard", {"replays": 2, "epochs": 4, "eps_warmup": 0.5}),
 ])
 def test_resume_equals_uninterrupted(tmp_path, split, teacher, method, extra):
     tr, va = split

@@ -93,6 +93,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--eps", help="training radius (default: the dataset's: 0.1 fashion-mnist, 8/255 cifar, 0.3 mnist)")
     a.add_argument("--step-size", help="attack step (default: eps/4; Fast-ARD: eps)")
     a.add_argument("--steps", type=int, default=d.steps, help=f"attack steps (default: {d.steps})")
+    a.add_argument("--eps-warmup", type=float, default=d.eps_warmup,
+                   help="fraction of the run over which the training radius and step grow linearly from eps/K to eps "
+                        "(K = that many optimizer steps; validation keeps eps). PGD-AT from scratch that stays at "
+                        "chance level (a constant predictor) usually trains with 0.1-0.3. Default: 0, no warm-up")
     a.add_argument("--attack-train-mode", action="store_true",
                    help="run the training attack with the student in train mode (ARD reference behaviour; updates BatchNorm statistics). Default: eval mode")
     v = p.add_argument_group("validation and selection")

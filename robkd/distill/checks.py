@@ -147,4 +147,5 @@ def chance_level_warning(records: list[Mapping[str, Any]], num_classes: int | No
         return None
     return (f"training never left chance level: the best validation clean accuracy in {len(vals)} epoch(s) was "
             f"{best:.3f} (chance {chance:.3f}), a near-constant predictor; adversarial training from scratch at a large "
-            "radius can stay at that solution: lower --lr, train at a smaller --eps first, or start from a clean-trained model")
+            "radius can stay at that solution: grow the radius with --eps-warmup (e.g. 0.2), lower --lr, or start from a "
+            "clean-trained model")

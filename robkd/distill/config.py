@@ -77,6 +77,11 @@ class TrainConfig:
     * ``igdm=True`` (ard/rslad/adaad): + lambda_igdm * (epoch / epochs) * KL(softmax(T(x+d) - T(x-d)) || softmax(S(x+d) - S(x-d))),
       d = x_adv - x.
 
+    ``eps_warmup`` (adversarial methods): over that fraction of the run's optimizer steps the training attack's
+    radius and step grow linearly, ``eps * min(1, (k + 1) / K)`` at step ``k`` of ``K = round(eps_warmup * steps)``
+    (the usual cure for PGD-AT from scratch that stays at the constant predictor); validation and model selection
+    always use the full ``eps``.
+
     IGA(x) is ``mean_i ||g_s,i - g_t,i||_2`` of per-sample CE input gradients
     (``iga_form="per-sample"``, default, ``lambda_iga=1``) or the reference
     code's ``(1/B^2) sqrt(sum_i ||g_s,i - g_t,i||^2)`` (``iga_form="reference"``,
@@ -108,6 +113,7 @@ class TrainConfig:
     eps: float | None = None
     step_size: float | None = None
     steps: int = 10
+    eps_warmup: float = 0.0
     replays: int = 4
     augment: str = "auto"
     val_fraction: float = 0.1
@@ -153,6 +159,14 @@ class TrainConfig:
             return max(1, math.ceil(self.epochs / self.replays))
         return self.epochs
 
+    def eps_scale(self, step: int, total_steps: int) -> float:
+        """The factor of the training radius at optimizer step ``step`` (0-based) of ``total_steps``:
+        ``min(1, (step + 1) / K)`` with ``K = max(1, round(eps_warmup * total_steps))``, 1 without a warm-up."""
+        if not self.eps_warmup:
+            return 1.0
+        k = max(1, int(math.floor(float(self.eps_warmup) * total_steps + 0.5)))
+        return min(1.0, (step + 1) / k)
+
     def resolve(self, default_eps: float | None, dataset: str | None) -> "TrainConfig":
         """Validate and fill the method/dataset defaults; returns a new config."""
         c = dataclasses.replace(self)
@@ -180,6 +194,12 @@ class TrainConfig:
         check_number(c.iad_warmup, "iad_warmup", 0.0)
         if c.iad_warmup > 1:
             raise UsageError(f"iad_warmup is a fraction of the run in [0, 1], got {c.iad_warmup}")
+        check_number(c.eps_warmup, "eps_warmup", 0.0)
+        if c.eps_warmup > 1:
+            raise UsageError(f"eps_warmup is a fraction of the run in [0, 1], got {c.eps_warmup}")
+        if c.eps_warmup > 0 and c.method not in ADVERSARIAL_METHODS:
+            raise UsageError(f"eps_warmup ramps the radius of the training attack; {c.method} trains without one "
+                             f"(adversarial methods: {', '.join(ADVERSARIAL_METHODS)})")
         if not isinstance(c.igdm, bool):
             raise UsageError(f"igdm must be true or false, got {c.igdm!r}")
         if c.igdm and c.method not in IGDM_METHODS:

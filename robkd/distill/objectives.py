@@ -35,6 +35,18 @@ class StepContext:
     #: the pass being trained (0-based) and the passes of the run: IAD's warm-up and IGDM's ramp read them
     epoch: int = 0
     passes: int = 1
+    #: the training attack's radius and step are ``eps * eps_scale`` (< 1 during ``eps_warmup``)
+    eps_scale: float = 1.0
+
+    @property
+    def eps(self) -> float:
+        """The training attack's radius at this step (``config.eps`` after the warm-up)."""
+        return self.config.eps * self.eps_scale if self.eps_scale != 1.0 else self.config.eps
+
+    @property
+    def step_size(self) -> float:
+        """The training attack's step at this step (``config.step_size`` after the warm-up)."""
+        return self.config.step_size * self.eps_scale if self.eps_scale != 1.0 else self.config.step_size
 
     @property
     def attack_model(self) -> torch.nn.Module:
@@ -55,7 +67,7 @@ class StepContext:
         gen = BatchSlice(self.attack_gen, *self.batch_part) if self.batch_part is not None else self.attack_gen
         try:
             return projected_gradient_ascent(
-                loss_fn, x, norm=c.norm, eps=c.eps, steps=c.steps, step_size=c.step_size,
+                loss_fn, x, norm=c.norm, eps=self.eps, steps=c.steps, step_size=self.step_size,
                 random_start=random_start, generator=gen,
             )
         finally:
@@ -310,7 +322,7 @@ def fast_ard_update_delta(ctx: StepContext, x: torch.Tensor, x_in: torch.Tensor)
     norm = Norm.parse(c.norm)
     g = x_in.grad if x_in.grad is not None else torch.zeros_like(x_in)
     g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-    eps = per_sample(c.eps, x)
-    step = per_sample(c.step_size, x)
+    eps = per_sample(ctx.eps, x)
+    step = per_sample(ctx.step_size, x)
     x_new = project(x_in.detach() + step * ascent_direction(g, norm), x, norm, eps)
     return (x_new - x).detach()

@@ -153,6 +153,14 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _option_defaults() -> dict[str, Any]:
+    """The training options' defaults that need no resolving (``TrainConfig``'s plain field defaults)."""
+    from robkd.distill.config import TrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING and f.default is not None}
+
+
 def check_resumable(st: Mapping[str, Any], path: Path, *, config: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
     """Refuse (:class:`UsageError`) to resume from ``st`` with other options, another teacher or dataset
     (``identity``), or when it holds non-finite weights."""
@@ -164,6 +172,9 @@ def check_resumable(st: Mapping[str, Any], path: Path, *, config: Mapping[str, A
         raise UsageError(f"cannot resume from {path}: it was started with {desc(saved_id)}, this run has "
                          f"{desc(identity)}; use the same teacher and data or a new --state file")
     saved = json.loads(st["config"])
+    # an option added after the state was written counts as saved at its default (such a state is resumable)
+    defaults = _option_defaults()
+    saved = {**{k: v for k, v in defaults.items() if k in config and k not in saved}, **saved}
     diff = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
     if diff:
         detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in diff[:6])

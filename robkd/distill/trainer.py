@@ -343,6 +343,7 @@ class Trainer:
         x, y = x.to(self.device), y.to(self.device)
         cidx = idx if run.cache is not None else None
         run.ctx.epoch = loop.epoch  # IAD's warm-up and IGDM's ramp
+        run.ctx.eps_scale = c.eps_scale(loop.global_step, c.passes * self._batches())  # --eps-warmup
         if run.objective is None:
             loop.delta, terms = self._fast_ard_batch(run.ctx, run.optimizer, x, y, cidx, loop.delta,
                                                      run.guard.check_loss, run.guard.check_weights)
@@ -371,6 +372,8 @@ class Trainer:
         cnt = max(1.0, sums.get("_n", 1.0))
         rec.update({k: v / cnt for k, v in sums.items() if k != "_n"})
         rec["loss"] = sum(v for k, v in rec.items() if k not in ("epoch", "lr", "steps"))
+        if c.eps_warmup:  # the training radius of the pass's last step
+            rec["train_eps"] = c.eps * c.eps_scale(loop.global_step - 1, c.passes * self._batches())
         rec["train_seconds"] = round(loop.epoch_time, 3)
         n = len(self.train_data) * (c.replays if c.method == "fast-ard" else 1)
         rec["images_per_s"] = round(n / max(loop.epoch_time, 1e-9), 1)
