@@ -39,6 +39,28 @@ def fmnist_train():
 
 
 @pytest.fixture(scope="session")
+def slice_split(fmnist_train):
+    """Seeded train (256) and validation (64) subsets of the slice, split as the trainer does (10% validation)."""
+    from robkd.data import eval_subset, train_val_split
+
+    tr, va = train_val_split(fmnist_train, 0.1, seed=0)
+    return eval_subset(tr, 256, seed=0), eval_subset(va, 64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def slice_teacher(slice_split):
+    """A small MLP teacher trained (plain CE, 2 epochs) on ``slice_split``'s train part."""
+    from helpers import mlp
+
+    from robkd.distill import TrainConfig, Trainer
+
+    t = mlp(5, hidden=(48,))
+    cfg = TrainConfig(method="st", epochs=2, batch_size=64, lr=0.05, val_n=0, select="last")
+    Trainer(t, cfg, slice_split[0], None, show_progress=False).fit()
+    return t
+
+
+@pytest.fixture(scope="session")
 def trained_cnn(fmnist_train):
     """A non-robust ``robkd:cnn_small`` trained on the Fashion-MNIST slice (~75-80% clean)."""
     from robkd.models import build_model

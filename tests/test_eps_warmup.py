@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from robkd.data import eval_subset, train_val_split
 from robkd.distill import TrainConfig, Trainer, load_train_state
 from robkd.distill import objectives as O
 from robkd.errors import UsageError
@@ -15,18 +14,14 @@ from robkd.errors import UsageError
 from helpers import mlp
 
 
-@pytest.fixture(scope="module")
-def split(fmnist_train):
-    tr, va = train_val_split(fmnist_train, 0.1, seed=0)
-    return eval_subset(tr, 256, seed=0), eval_subset(va, 64, seed=0)
+@pytest.fixture
+def split(slice_split):
+    return slice_split
 
 
-@pytest.fixture(scope="module")
-def teacher(split):
-    t = mlp(5, hidden=(48,))
-    Trainer(t, TrainConfig(method="st", epochs=1, batch_size=64, lr=0.05, val_n=0, select="last"), split[0], None,
-            show_progress=False).fit()
-    return t
+@pytest.fixture
+def teacher(slice_teacher):
+    return slice_teacher
 
 
 @pytest.mark.parametrize("warmup,total,expected", [
