@@ -11,6 +11,7 @@ on the bundled Fashion-MNIST slice lower the loss and resume bit-identically.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -63,7 +64,8 @@ def _ce(z, y) -> torch.Tensor:
     return -_log_softmax(z)[torch.arange(len(y)), y].mean()
 
 
-def _hand(method: str, s, t, x, xa, y, w, *, epoch: int, passes: int, igdm: float | None) -> dict[str, torch.Tensor]:
+def _hand(method: str, s, t, x, xa, y, w, *, epoch: int, passes: int, igdm: float | None,
+          progress: float = 1.0) -> dict[str, torch.Tensor]:
     """The weighted terms of ``method`` (keys as the objective's ``terms``)."""
     S, Sa = _fwd(s, x), _fwd(s, xa)
     with torch.no_grad():
@@ -87,7 +89,7 @@ def _hand(method: str, s, t, x, xa, y, w, *, epoch: int, passes: int, igdm: floa
         d = xa - x
         with torch.no_grad():
             td = _fwd(t, x + d) - _fwd(t, x - d)
-        out["igdm"] = igdm * (epoch + 1) / passes * _kl(td, _fwd(s, x + d) - _fwd(s, x - d))
+        out["igdm"] = igdm * progress * _kl(td, _fwd(s, x + d) - _fwd(s, x - d))
     return out
 
 
@@ -110,7 +112,9 @@ def test_objective_value_and_gradient_match_the_formulas(monkeypatch, method, ig
     lam = 2.5
     cfg = TrainConfig(method=method, eps=0.15, igdm=igdm, lambda_igdm=lam, **w).resolve(0.15, "fashion-mnist")
     student, teacher = _net(1, 7), _net(2, 5)
-    ctx = O.StepContext(student, teacher, cfg, torch.Generator().manual_seed(0), None, epoch=epoch, passes=passes)
+    progress = (2 * epoch + 1) / (2 * passes)  # half-way through the pass: IGDM's weight ramps per optimizer step
+    ctx = O.StepContext(student, teacher, cfg, torch.Generator().manual_seed(0), None, epoch=epoch, passes=passes,
+                        progress=progress)
     seen = []
     for seam in ("pgd_ce", "pgd_rslad", "pgd_adaad"):
         monkeypatch.setattr(ctx, seam, lambda xx, *rest, _s=seam: seen.append((_s, xx, rest)) or xa.clone())
@@ -123,7 +127,8 @@ def test_objective_value_and_gradient_match_the_formulas(monkeypatch, method, ig
         assert torch.allclose(seen[0][2][0], _fwd(teacher, x).detach(), rtol=0, atol=1e-13)
     if method in ("iad", "ard"):
         assert torch.equal(seen[0][2][0], y)
-    hand = _hand(method, student, teacher, x, xa, y, w, epoch=epoch, passes=passes, igdm=lam if igdm else None)
+    hand = _hand(method, student, teacher, x, xa, y, w, epoch=epoch, passes=passes, igdm=lam if igdm else None,
+                 progress=progress)
     assert terms.keys() == hand.keys()
     for k in hand:
         assert terms[k] == pytest.approx(float(hand[k].detach()), rel=1e-12, abs=1e-14), k
@@ -275,3 +280,20 @@ def test_training_lowers_the_loss_and_resumes_bit_identically(tmp_path, split, t
         assert "introspection" not in log_a.records[0] and "introspection" in log_a.records[1]
     if extra.get("igdm"):
         assert all("igdm" in r for r in log_a.records)
+
+
+def test_igdm_weight_ramps_per_optimizer_step(monkeypatch, split, teacher):
+    """lambda_igdm * (k + 1) / K at step k of K: a one-pass run starts near 0 (not at the full weight) and ends at it."""
+    from robkd.distill import recent_objectives as R
+
+    seen = []
+    real = R.igdm_weight
+    monkeypatch.setattr(R, "igdm_weight", lambda ctx: seen.append(real(ctx)) or seen[-1])  # a spy: the real weight is used
+    tr, _ = split  # 192 images: 3 batches of 64 per pass
+    cfg = TrainConfig(method="rslad", igdm=True, lambda_igdm=6.0, epochs=2, batch_size=64, lr=0.05, steps=1, val_n=0, select="last")
+    Trainer(mlp(2), cfg, tr, None, teacher, dataset="fashion-mnist", default_eps=0.1, show_progress=False).fit()
+    assert seen == pytest.approx([6.0 * k / 6 for k in range(1, 7)], abs=1e-12)
+    seen.clear()
+    Trainer(mlp(2), dataclasses.replace(cfg, epochs=1), tr, None, teacher, dataset="fashion-mnist", default_eps=0.1,
+            show_progress=False).fit()
+    assert seen == pytest.approx([2.0, 4.0, 6.0], abs=1e-12)

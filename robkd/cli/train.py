@@ -29,7 +29,7 @@ OBJECTIVES_HELP = """objectives (S student, T teacher, tau temperature; KL batch
               switched on after --iad-warmup of the run; tau 1       [IAD-I, Zhu et al. 2022]
   adaad       alpha*KL(T(x_adv) || S(x_adv)) + (1-alpha)*KL(T(x) || S(x)), alpha 1; x_adv maximises
               KL(T(x+d) || S(x+d)), the teacher queried at every step   [Huang et al. 2023]
-  --igdm      (ard, rslad, adaad) + lambda_igdm*(epoch/epochs)*KL(softmax(T(x+d)-T(x-d)) ||
+  --igdm      (ard, rslad, adaad) + lambda_igdm*(step/steps)*KL(softmax(T(x+d)-T(x-d)) ||
               softmax(S(x+d)-S(x-d))), d = x_adv - x                   [IGDM, ICLR 2024]
   KL(P || Q): target P first, batchmean (sum over classes, mean over the batch), never / classes.
 
@@ -85,7 +85,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"IAD: fraction of the run before the introspection starts (default: {d.iad_warmup:g} = epoch 60 of 200)")
     o.add_argument("--igdm", action="store_true", help="add the IGDM term to ard, rslad or adaad")
     o.add_argument("--lambda-igdm", type=float, default=d.lambda_igdm,
-                   help=f"IGDM weight, ramped linearly over the run (default: {d.lambda_igdm:g}, IGDM paper)")
+                   help=f"IGDM weight, ramped linearly over the run's optimizer steps (default: {d.lambda_igdm:g}, IGDM paper)")
     o.add_argument("--beta", type=float, default=d.beta, help=f"TRADES beta (default: {d.beta:g})")
     o.add_argument("--replays", "-m", type=int, default=d.replays, help=f"Fast-ARD minibatch replays m (default: {d.replays})")
     a = p.add_argument_group("training attack")

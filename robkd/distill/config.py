@@ -14,7 +14,7 @@ others              dataset default radius, eps/4, 10
 
 The later methods (RSLAD, IAD, AdaAD and the IGDM add-on) use the papers' defaults:
 ``alpha`` 5/6 for RSLAD and 1 otherwise; IAD ``iad_beta`` 0.1 and ``iad_warmup`` 0.3 of the run (the
-code's 60 of 200 epochs); IGDM ``lambda_igdm`` 20 ramped linearly over the run (``igdm`` switches it on
+code's 60 of 200 epochs); IGDM ``lambda_igdm`` 20 ramped linearly over the run's optimizer steps (``igdm`` switches it on
 for ard/rslad/adaad).
 
 Fast-ARD's free step defaults to ``eps`` (free adversarial training); it makes
@@ -74,7 +74,7 @@ class TrainConfig:
     * ``rslad``: alpha KL(T(x) || S(x_adv)) + (1 - alpha) KL(T(x) || S(x)), x_adv maximising KL(T(x) || S(x + d));
     * ``iad``: ARD + alpha mean_i (1 - w_i) KL(S(x_i) || S(x_adv,i)), w_i = p_T(y_i | x_adv,i)^iad_beta, after warm-up;
     * ``adaad``: alpha KL(T(x_adv) || S(x_adv)) + (1 - alpha) KL(T(x) || S(x)), x_adv maximising KL(T(x + d) || S(x + d));
-    * ``igdm=True`` (ard/rslad/adaad): + lambda_igdm * (epoch / epochs) * KL(softmax(T(x+d) - T(x-d)) || softmax(S(x+d) - S(x-d))),
+    * ``igdm=True`` (ard/rslad/adaad): + lambda_igdm * (step / steps) * KL(softmax(T(x+d) - T(x-d)) || softmax(S(x+d) - S(x-d))),
       d = x_adv - x.
 
     ``eps_warmup`` (adversarial methods): over that fraction of the run's optimizer steps the training attack's

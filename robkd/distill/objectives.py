@@ -32,9 +32,11 @@ class StepContext:
     #: under DDP, ``(start, stop, total)``: this rank's rows of the global batch (random starts are drawn for
     #: the global batch and sliced, so ranks differ and every sample starts as in one process)
     batch_part: "tuple[int, int, int] | None" = None
-    #: the pass being trained (0-based) and the passes of the run: IAD's warm-up and IGDM's ramp read them
+    #: the pass being trained (0-based) and the passes of the run: IAD's warm-up reads them
     epoch: int = 0
     passes: int = 1
+    #: the fraction of the run's optimizer steps done, this one included, ``(k + 1) / K``: IGDM's ramp reads it
+    progress: float = 1.0
     #: the training attack's radius and step are ``eps * eps_scale`` (< 1 during ``eps_warmup``)
     eps_scale: float = 1.0
 

@@ -12,9 +12,10 @@ The formulas, and where the papers' public code differs, are in ``docs/methods.m
   ``w_i = p_T(y_i | x_adv,i)^iad_beta`` (detached). The KL target ``S(x)`` is not detached (as in the code).
 * AdaAD (Huang et al., CVPR 2023): ``alpha KL(T(x_adv) || S(x_adv)) + (1 - alpha) KL(T(x) || S(x))``,
   alpha = 1; x_adv maximises ``KL(T(x + d) || S(x + d))`` (the teacher is queried at every step).
-* IGDM (Lee et al., ICLR 2024), with ``igdm=True`` on ard/rslad/adaad: ``+ lambda_igdm * (e / E) *
+* IGDM (Lee et al., ICLR 2024), with ``igdm=True`` on ard/rslad/adaad: ``+ lambda_igdm * (k / K) *
   KL(softmax(T(x + d) - T(x - d)) || softmax(S(x + d) - S(x - d)))``, ``d = x_adv - x`` of the base
-  method's attack, ``e`` the 1-based pass and ``E`` the passes of the run; ``x - d`` is not clipped.
+  method's attack, ``k`` the 1-based optimizer step and ``K`` the steps of the run (the paper ramps per
+  epoch over 200 epochs; per step, a one-epoch fine-tune does not start at the full weight); ``x - d`` is not clipped.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from robkd.errors import UsageError
 
 
 def igdm_weight(ctx: StepContext) -> float:
-    """IGDM's coefficient at the current pass: ``lambda_igdm * (epoch + 1) / passes`` (the paper's linear ramp)."""
-    return float(ctx.config.lambda_igdm) * (ctx.epoch + 1) / max(1, ctx.passes)
+    """IGDM's coefficient at the current optimizer step: ``lambda_igdm * (k + 1) / K`` at step ``k`` of the run's ``K``
+    (``ctx.progress``): the paper's linear ramp, per step rather than per epoch so that a short run (a one-epoch
+    fine-tune) starts near 0 as a long one does instead of at the full weight."""
+    return float(ctx.config.lambda_igdm) * float(ctx.progress)
 
 
 def igdm_term(ctx: StepContext, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:

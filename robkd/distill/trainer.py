@@ -342,8 +342,10 @@ class Trainer:
             x, y, idx = x[a:b], y[a:b], idx[a:b]
         x, y = x.to(self.device), y.to(self.device)
         cidx = idx if run.cache is not None else None
-        run.ctx.epoch = loop.epoch  # IAD's warm-up and IGDM's ramp
-        run.ctx.eps_scale = c.eps_scale(loop.global_step, c.passes * self._batches())  # --eps-warmup
+        total = c.passes * self._batches()
+        run.ctx.epoch = loop.epoch  # IAD's warm-up
+        run.ctx.progress = (loop.global_step + 1) / total  # IGDM's ramp
+        run.ctx.eps_scale = c.eps_scale(loop.global_step, total)  # --eps-warmup
         if run.objective is None:
             loop.delta, terms = self._fast_ard_batch(run.ctx, run.optimizer, x, y, cidx, loop.delta,
                                                      run.guard.check_loss, run.guard.check_weights)
