@@ -14,16 +14,6 @@ from robkd.errors import UsageError
 from helpers import mlp
 
 
-@pytest.fixture
-def split(slice_split):
-    return slice_split
-
-
-@pytest.fixture
-def teacher(slice_teacher):
-    return slice_teacher
-
-
 @pytest.mark.parametrize("warmup,total,expected", [
     (0.0, 4, [1, 1, 1, 1]),
     (0.5, 8, [0.25, 0.5, 0.75, 1, 1, 1, 1, 1]),  # K = 4 steps
@@ -44,11 +34,11 @@ def _at(tmp_path, name, split, **kw):
     return net, tr
 
 
-def test_a_warm_up_step_is_adversarial_training_at_the_reduced_radius(tmp_path, split):
+def test_a_warm_up_step_is_adversarial_training_at_the_reduced_radius(tmp_path, slice_split):
     """Step 0 of a warm-up over 8 steps trains exactly as PGD-AT at radius eps/8 and step size step/8 does."""
-    warm, t_warm = _at(tmp_path, "warm", split, eps_warmup=1.0)  # 2 passes of 4 batches: K = 8
-    small, t_small = _at(tmp_path, "small", split, eps=0.1 / 8, step_size=0.025 / 8)
-    full, t_full = _at(tmp_path, "full", split)
+    warm, t_warm = _at(tmp_path, "warm", slice_split, eps_warmup=1.0)  # 2 passes of 4 batches: K = 8
+    small, t_small = _at(tmp_path, "small", slice_split, eps=0.1 / 8, step_size=0.025 / 8)
+    full, t_full = _at(tmp_path, "full", slice_split)
     for t in (t_warm, t_small, t_full):
         t.fit(max_steps=1)
     for p, q in zip(warm.parameters(), small.parameters()):
@@ -56,23 +46,24 @@ def test_a_warm_up_step_is_adversarial_training_at_the_reduced_radius(tmp_path, 
     assert max(float((p - q).detach().abs().max()) for p, q in zip(warm.parameters(), full.parameters())) > 1e-5
 
 
-def test_records_show_the_radius_and_validation_keeps_the_full_one(split):
+def test_records_show_the_radius_and_validation_keeps_the_full_one(slice_split):
     cfg = TrainConfig(method="at", epochs=2, batch_size=64, lr=0.05, steps=2, val_n=32, val_steps=2, eps_warmup=1.0)
-    log = Trainer(mlp(4), cfg, split[0], split[1], dataset="fashion-mnist", default_eps=0.1, show_progress=False).fit()
+    log = Trainer(mlp(4), cfg, slice_split[0], slice_split[1], dataset="fashion-mnist", default_eps=0.1,
+                  show_progress=False).fit()
     # pass 1 ends at step 4 of K = 8 (radius 0.05), pass 2 at the full radius
     assert [r["train_eps"] for r in log.records] == pytest.approx([0.05, 0.1])
     assert log.config["eps"] == pytest.approx(0.1)  # validation attacks at config.eps
-    plain = Trainer(mlp(4), TrainConfig(method="at", epochs=1, batch_size=64, val_n=0, select="last"), split[0], None,
+    plain = Trainer(mlp(4), TrainConfig(method="at", epochs=1, batch_size=64, val_n=0, select="last"), slice_split[0], None,
                     dataset="fashion-mnist", default_eps=0.1, show_progress=False).fit()
     assert "train_eps" not in plain.records[0]  # no warm-up: the log is unchanged
 
 
-def test_fast_ard_free_steps_stay_inside_the_reduced_ball(split, teacher):
-    tr, _ = split
+def test_fast_ard_free_steps_stay_inside_the_reduced_ball(slice_split, slice_teacher):
+    tr, _ = slice_split
     cfg = TrainConfig(method="fast-ard", epochs=2, replays=3, batch_size=16, lr=0.05, val_n=0, select="last", eps_warmup=1.0)
-    trainer = Trainer(mlp(6), cfg, tr, None, teacher, dataset="fashion-mnist", default_eps=0.1, show_progress=False)
+    trainer = Trainer(mlp(6), cfg, tr, None, slice_teacher, dataset="fashion-mnist", default_eps=0.1, show_progress=False)
     opt = torch.optim.SGD(trainer.student.parameters(), lr=0.05)
-    ctx = O.StepContext(trainer.student, teacher, trainer.config, torch.Generator(), None, eps_scale=0.25)
+    ctx = O.StepContext(trainer.student, slice_teacher, trainer.config, torch.Generator(), None, eps_scale=0.25)
     x, y = tr.float_x(slice(0, 16)), tr.y[:16]
     delta, _ = trainer._fast_ard_batch(ctx, opt, x, y, None, None)
     assert float(delta.abs().max()) <= 0.025 + 1e-6  # free steps of eps/4 inside the ball of eps/4
@@ -88,16 +79,16 @@ def test_bad_warm_up(kw, match):
         TrainConfig(**kw).resolve(0.1, "fashion-mnist")
 
 
-def test_a_state_from_before_the_option_resumes_at_its_default(tmp_path, split):
+def test_a_state_from_before_the_option_resumes_at_its_default(tmp_path, slice_split):
     """A state written by a robkd without ``eps_warmup`` resumes when the option is at its default (0), not otherwise."""
-    net, t = _at(tmp_path, "old", split)
+    net, t = _at(tmp_path, "old", slice_split)
     t.fit(max_steps=2)
     st = load_train_state(tmp_path / "old.pt")
     cfg = json.loads(st["config"])
     del cfg["eps_warmup"]
     st["config"] = json.dumps(cfg, sort_keys=True)
     torch.save(st, tmp_path / "old.pt")
-    _, t2 = _at(tmp_path, "old", split)
+    _, t2 = _at(tmp_path, "old", slice_split)
     assert t2.fit(resume=True).finished
     t.fit(max_steps=1)  # a fresh state without the key again, resumed with a warm-up: refused, naming the option
     st = load_train_state(tmp_path / "old.pt")
@@ -105,6 +96,6 @@ def test_a_state_from_before_the_option_resumes_at_its_default(tmp_path, split):
     del cfg["eps_warmup"]
     st["config"] = json.dumps(cfg, sort_keys=True)
     torch.save(st, tmp_path / "old.pt")
-    _, t3 = _at(tmp_path, "old", split, eps_warmup=0.5)
+    _, t3 = _at(tmp_path, "old", slice_split, eps_warmup=0.5)
     with pytest.raises(UsageError, match="eps_warmup"):
         t3.fit(resume=True)
