@@ -282,7 +282,10 @@ def _write(a, out, rows, teachers, autos, seeds, radii, t4_radii, version, torch
         every = all(rows[hi][s]["worst"][big] > rows[lo][s]["worst"][big] for s in seeds)
         lines.append(f"- {text}: {'reproduces' if m else 'does NOT reproduce'} on the mean"
                      f"{' (holds in every seed)' if every else ' (not in every seed)'}.")
-    lines += ["", f"`--method auto` on each seed's KD student, gate `{a.gate}`, budget {a.auto_budget}; the short KDIGA repair (1 epoch) beside it:", "",
+    lines += ["", f"`--method auto` on each seed's KD student, gate `{a.gate}`, budget {a.auto_budget}; the short KDIGA repair (1 epoch) "
+              f"beside it. The gate is judged by the repair's own audit of student and teacher: {a.aa_n} test images drawn with the "
+              "audit's default seed 0, so for seeds other than 0 its teacher figure comes from another subset than the table's "
+              "teacher row (whose images are drawn with the run's seed):", "",
               "| seed | KDIGA short: gate | KDIGA worst | auto: gate | auto worst | teacher worst | chosen | kept | stopped |", "|---|---|---|---|---|---|---|---|---|"]
     for s in seeds:
         k, au = autos[s]["kdiga-short"], autos[s]["auto"]
