@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             teachers[seed] = {"clean": ev["teacher"]["clean"]["value"],
                               "worst": {f"{r['radius']:g}": r["worst"]["value"] for r in wc["teacher"]["per_radius"]}}
         # --method auto on this seed's KD student, and the short KDIGA repair beside it
-        akw = {"n": a.aa_n, "eps": [max(radii)], "attacks": ["pgd-20", a.aa], "sanity_n": 0}
+        # the repair's audit judges the gate on the worst-case column's images (the audit's seed is the run's seed)
+        akw = {"n": a.aa_n, "eps": [max(radii)], "attacks": ["pgd-20", a.aa], "sanity_n": 0, "seed": seed}
         for kind in ("kdiga-short", "auto"):
             dst = wd / f"{kind}.pt"
             res_f = wd / f"{kind}.result.json"
@@ -283,9 +284,8 @@ def _write(a, out, rows, teachers, autos, seeds, radii, t4_radii, version, torch
         lines.append(f"- {text}: {'reproduces' if m else 'does NOT reproduce'} on the mean"
                      f"{' (holds in every seed)' if every else ' (not in every seed)'}.")
     lines += ["", f"`--method auto` on each seed's KD student, gate `{a.gate}`, budget {a.auto_budget}; the short KDIGA repair (1 epoch) "
-              f"beside it. The gate is judged by the repair's own audit of student and teacher: {a.aa_n} test images drawn with the "
-              "audit's default seed 0, so for seeds other than 0 its teacher figure comes from another subset than the table's "
-              "teacher row (whose images are drawn with the run's seed):", "",
+              f"beside it. The gate is judged by the repair's own audit of student and teacher, on the {a.aa_n} test images of the "
+              "worst-case column (its teacher figure is the table's teacher row):", "",
               "| seed | KDIGA short: gate | KDIGA worst | auto: gate | auto worst | teacher worst | chosen | kept | stopped |", "|---|---|---|---|---|---|---|---|---|"]
     for s in seeds:
         k, au = autos[s]["kdiga-short"], autos[s]["auto"]
